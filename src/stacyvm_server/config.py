@@ -83,7 +83,7 @@ class DefaultsConfig(_Section):
     max_vcpus: int = 8
     pids_limit: int = 256
     network: Literal["none", "bridge"] = "none"
-    allowed_networks: list[Literal["none", "bridge"]] = Field(default_factory=lambda: ["none", "bridge"])
+    allowed_networks: list[Literal["none", "bridge"]] = Field(default_factory=lambda: ["none", "bridge"])  # type: ignore[arg-type]
     # Sync exec keeps at most this many bytes per stream, then marks the cut.
     max_exec_output_bytes: int = 8 * 1024 * 1024
 

@@ -1,0 +1,3 @@
+from stacyvm_server.cli import main
+
+main()
