@@ -1,0 +1,186 @@
+"""Per-sandbox network namespaces and routed veth pairs, without forking `ip`.
+
+Why routed veths and not a bridge: on a bridge, sandbox-to-sandbox frames are
+switched at layer 2 and never reach `table inet stacyvm` unless the host turns
+on br_netfilter, a host-wide switch that also changes Docker's bridges. With a
+point-to-point veth per sandbox every packet is routed by the host, so the one
+inet table sees all of it. The sandbox gets `addr/32` and a default route via
+the gateway address `onlink`; the host side carries the gateway address /32
+and a /32 route back. `settings.native.bridge_name` is therefore unused.
+
+Namespaces are created by unshare(CLONE_NEWNET) in a short-lived thread and
+bind-mounted at /run/netns/stacyvm-<id> (visible to `ip netns`). netns changes
+are per thread, so the event loop's thread is never moved.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import ipaddress
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from stacyvm_server.errors import ProviderError
+from stacyvm_server.providers.native import syscalls
+from stacyvm_server.providers.native.nft import IF_PREFIX
+
+NETNS_DIR = Path("/run/netns")
+SANDBOX_IF = "eth0"
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class NetPlan:
+    netns_path: str
+    host_if: str = ""  # empty for network "none"
+    address: str = ""
+    gateway: str = ""
+
+
+def netns_path(sandbox_id: str) -> str:
+    return str(NETNS_DIR / f"stacyvm-{sandbox_id}")
+
+
+def host_ifname(sandbox_id: str) -> str:
+    # IFNAMSIZ is 16: "svh" + 12 hex chars of a hash of the id.
+    return IF_PREFIX + hashlib.sha256(sandbox_id.encode()).hexdigest()[:12]
+
+
+class AddressPool:
+    """Sandbox addresses from the subnet, reserved by O_EXCL marker files.
+
+    Files survive a server restart and work across processes; the marker holds
+    the sandbox id so a leak check can tell whose address it is.
+    """
+
+    def __init__(self, subnet: str, state_dir: Path) -> None:
+        self.net = ipaddress.ip_network(subnet)
+        self.dir = state_dir
+        hosts = self.net.hosts()
+        self.gateway = str(next(hosts))
+        self._lock = threading.Lock()
+        self._next = 0
+
+    def allocate(self, sandbox_id: str) -> str:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        size = self.net.num_addresses
+        with self._lock:
+            for i in range(size):
+                offset = 2 + (self._next + i) % (size - 3)  # skip network, gateway, broadcast
+                addr = str(self.net.network_address + offset)
+                try:
+                    fd = os.open(self.dir / addr, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+                except FileExistsError:
+                    continue
+                with os.fdopen(fd, "w") as f:
+                    f.write(sandbox_id)
+                self._next = offset - 1
+                return addr
+        raise ProviderError(f"no free address left in {self.net}")
+
+    def release(self, addr: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            (self.dir / addr).unlink()
+
+    def owned_by(self, sandbox_id: str) -> list[str]:
+        out = []
+        for p in self.dir.glob("*") if self.dir.is_dir() else []:
+            with contextlib.suppress(OSError):
+                if p.read_text() == sandbox_id:
+                    out.append(p.name)
+        return out
+
+
+def _in_thread(fn: Callable[[], T]) -> T:
+    """Run fn in a fresh thread: a thread whose netns we move is thrown away."""
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["v"] = fn()
+        except BaseException as exc:
+            box["e"] = exc
+
+    t = threading.Thread(target=target, name="stacyvm-netns")
+    t.start()
+    t.join()
+    if "e" in box:
+        raise box["e"]
+    return box["v"]  # type: ignore[no-any-return,unused-ignore]
+
+
+def create_netns(sandbox_id: str, plan: NetPlan) -> None:
+    """Blocking. Make the netns, bring lo up, and wire the veth if plan has one."""
+    _in_thread(lambda: _create(sandbox_id, plan))
+
+
+def _create(sandbox_id: str, plan: NetPlan) -> None:
+    from pyroute2 import IPRoute
+
+    NETNS_DIR.mkdir(parents=True, exist_ok=True)
+    path = plan.netns_path
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDONLY, 0o444)
+    os.close(fd)
+    host_ipr = IPRoute() if plan.host_if else None  # opened in the host netns
+    try:
+        syscalls.unshare(syscalls.CLONE_NEWNET)
+        syscalls.mount(f"/proc/self/task/{threading.get_native_id()}/ns/net", path, None, syscalls.MS_BIND)
+        with IPRoute() as ipr:  # opened in the new netns
+            lo = ipr.link_lookup(ifname="lo")[0]
+            ipr.link("set", index=lo, state="up")
+            if host_ipr is None:
+                return
+            nsfd = os.open(path, os.O_RDONLY)
+            try:
+                host_ipr.link("add", ifname=plan.host_if, kind="veth",
+                              peer={"ifname": SANDBOX_IF, "net_ns_fd": nsfd})
+            finally:
+                os.close(nsfd)
+            hidx = host_ipr.link_lookup(ifname=plan.host_if)[0]
+            host_ipr.addr("add", index=hidx, address=plan.gateway, prefixlen=32)
+            host_ipr.link("set", index=hidx, state="up")
+            host_ipr.route("add", dst=f"{plan.address}/32", oif=hidx, scope="link")
+            sidx = ipr.link_lookup(ifname=SANDBOX_IF)[0]
+            ipr.addr("add", index=sidx, address=plan.address, prefixlen=32)
+            ipr.link("set", index=sidx, state="up")
+            ipr.route("add", dst="0.0.0.0/0", gateway=plan.gateway, oif=sidx, flags=4)  # RTNH_F_ONLINK
+    finally:
+        if host_ipr is not None:
+            host_ipr.close()
+
+
+def destroy_netns(sandbox_id: str) -> None:
+    """Blocking and idempotent: remove the host veth (its peer dies with it) and the netns."""
+    _delete_link(host_ifname(sandbox_id))
+    path = netns_path(sandbox_id)
+    try:
+        syscalls.umount(path)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOENT):
+            raise
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def _delete_link(ifname: str) -> None:
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        idx = ipr.link_lookup(ifname=ifname)
+        if idx:
+            with contextlib.suppress(Exception):
+                ipr.link("del", index=idx[0])
+
+
+def host_links() -> list[str]:
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        return [str(link.get_attr("IFLA_IFNAME")) for link in ipr.get_links()]

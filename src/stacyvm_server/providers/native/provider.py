@@ -1,0 +1,450 @@
+"""The native provider: overlayfs root + OCI runtime (crun/runc/runsc) + cgroup v1.
+
+Per sandbox, under `<native_dir>/sandboxes/<id>/`:
+  meta.json   labels and handle data (written first, so a half-created
+              sandbox is still found by inventory() and cleaned up)
+  upper/ work/ rootfs/   overlay upper, work and merged (the bundle root)
+  config.json the OCI bundle config;  init.pid / init.log: PID 1 and its output
+  exec/       per-exec process.json and pid files
+The runtime's state lives in `<native_dir>/runtime`; the netns is
+/run/netns/stacyvm-<id>; addresses are reserved in `<native_dir>/addresses`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import shutil
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from stacyvm_server.config import Settings
+from stacyvm_server.errors import BadRequest, ProviderError, SandboxFileError
+from stacyvm_server.images.model import Image
+from stacyvm_server.providers.base import (
+    ExecProcess,
+    ExecSpec,
+    FileInfo,
+    InventoryItem,
+    Provider,
+    ProviderHealth,
+    RuntimeState,
+    SandboxHandle,
+    SandboxSpec,
+    SandboxStats,
+)
+from stacyvm_server.providers.native import bundle, cgroups, host, network, nft, syscalls
+from stacyvm_server.providers.native.files import CHUNK, SandboxFS
+from stacyvm_server.providers.native.process import NativeExecProcess
+from stacyvm_server.providers.native.runtime import OciRuntime
+from stacyvm_server.providers.native.users import resolve_user
+
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# Characters with meaning in overlayfs mount options.
+_BAD_OVERLAY_CHARS = set(",:\\\n")
+
+
+class ImageSource(Protocol):
+    async def ensure(self, ref: str, uid_shift: int = 0) -> Image: ...
+
+
+@dataclass
+class _Box:
+    """What exec and files need, cached in memory (rebuilt from meta.json)."""
+
+    sandbox_id: str
+    dir: Path
+    env: list[str]
+    workdir: str
+    user: str
+    fs: SandboxFS
+
+
+class NativeProvider(Provider):
+    name = "native"
+    capabilities = ("spawn", "exec", "exec_stream", "stdin", "files", "health", "runtime_inventory",
+                    "network_none", "network_bridge", "oom_reason")
+
+    def __init__(self, settings: Settings, images: ImageSource) -> None:
+        self.settings = settings
+        self.images = images
+        self.root = settings.native_dir
+        self.boxes_dir = self.root / "sandboxes"
+        self.runtime = OciRuntime(settings.native.runtime, host.runtime_path(settings), self.root / "runtime")
+        self.pool = network.AddressPool(settings.native.bridge_subnet, self.root / "addresses")
+        self._boxes: dict[str, _Box] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._exec_seq = 0
+
+    # provider-wide ---------------------------------------------------------------
+    async def start(self) -> None:
+        bad = [p for p in await asyncio.to_thread(host.check_host, self.settings) if not p.ok]
+        if bad:
+            lines = "; ".join(f"{p.name}: {p.detail} -> fix: {p.fix_description}" for p in bad)
+            raise ProviderError(
+                f"native provider: host not ready ({lines}). Run `stacyvm doctor --fix` "
+                "or scripts/setup-host.sh as root."
+            )
+        # 0711: the runtime, already inside the user namespace (uid 100000),
+        # must traverse to the bundle's rootfs; it cannot list these dirs.
+        self.boxes_dir.mkdir(parents=True, exist_ok=True, mode=0o711)
+        os.chmod(self.boxes_dir, 0o711)
+        self.runtime.state_root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        await nft.ensure_table(self.settings.native.bridge_subnet, self.settings.native.allow_inter_sandbox)
+        await asyncio.to_thread(__import__, "pyroute2")  # the first import costs ~100 ms
+
+    def describe(self) -> dict[str, str]:
+        n = self.settings.native
+        return {"type": self.name, "runtime": n.runtime, "runtime_path": self.runtime.path,
+                "subnet": n.bridge_subnet, "allow_inter_sandbox": str(n.allow_inter_sandbox).lower()}
+
+    async def health(self) -> ProviderHealth:
+        t0 = time.perf_counter()
+        bad = [p for p in host.check_host(self.settings) if not p.ok and p.name != "ip-forward"]
+        try:
+            await self.runtime.version()
+        except ProviderError as exc:
+            return ProviderHealth(False, str(exc), (time.perf_counter() - t0) * 1000)
+        err = "; ".join(f"{p.name}: {p.detail}" for p in bad) or None
+        return ProviderHealth(not bad, err, (time.perf_counter() - t0) * 1000)
+
+    # lifecycle -------------------------------------------------------------------
+    def _lock(self, sid: str) -> asyncio.Lock:
+        return self._locks.setdefault(sid, asyncio.Lock())
+
+    async def create(self, spec: SandboxSpec) -> SandboxHandle:
+        sid = spec.sandbox_id
+        if not _ID_RE.match(sid):
+            raise BadRequest(f"invalid sandbox id: {sid!r}")
+        if spec.memory_mb < 6 or spec.vcpus < 1 or spec.pids_limit < 8:
+            raise BadRequest("memory_mb >= 6, vcpus >= 1 and pids_limit >= 8 are required")
+        image = await self.images.ensure(spec.image, uid_shift=bundle.UID_SHIFT)
+        lower = str(image.rootfs)
+        if _BAD_OVERLAY_CHARS & set(lower):
+            raise ProviderError(f"image rootfs path not usable as overlay lowerdir: {lower}")
+        d = self.boxes_dir / sid
+        handle = SandboxHandle(sid, self.name, {"dir": str(d), "network": spec.network,
+                                                "runtime": self.runtime.kind})
+        async with self._lock(sid):
+            try:
+                d.mkdir(mode=0o711)
+            except FileExistsError:
+                raise ProviderError(f"sandbox {sid} already exists on this host") from None
+            try:
+                await self._create(spec, image, d, handle)
+            except BaseException:
+                await self._teardown(sid, handle.data)
+                self._boxes.pop(sid, None)
+                raise
+        return handle
+
+    async def _create(self, spec: SandboxSpec, image: Image, d: Path, handle: SandboxHandle) -> None:
+        sid = spec.sandbox_id
+        cfg = image.config
+        env = _merge_env(cfg.env, spec.env)
+        if spec.network == "bridge":
+            addr = await asyncio.to_thread(self.pool.allocate, sid)
+            handle.data.update(address=addr, host_if=network.host_ifname(sid))
+        handle.data["netns"] = network.netns_path(sid)
+        meta = {"handle": handle.data, "labels": spec.labels, "image": image.ref, "digest": image.digest,
+                "env": env, "workdir": cfg.workdir, "user": cfg.user}
+        _write_json(d / "meta.json", meta)
+
+        rootfs, upper, work = d / "rootfs", d / "upper", d / "work"
+        for p in (rootfs, upper, work):
+            p.mkdir()
+        # The merged root's owner and mode come from the upper dir: make it the
+        # sandbox root's (host uid 100000) so root inside owns "/".
+        os.chown(upper, bundle.UID_SHIFT, bundle.UID_SHIFT)
+        os.chmod(upper, 0o755)
+        opts = f"lowerdir={image.rootfs},upperdir={upper},workdir={work}"
+        await asyncio.to_thread(syscalls.mount, "overlay", str(rootfs), "overlay", 0, opts)
+        handle.data["mounted"] = "1"
+
+        plan = network.NetPlan(handle.data["netns"])
+        if spec.network == "bridge":
+            plan = network.NetPlan(plan.netns_path, handle.data["host_if"], handle.data["address"],
+                                   self.pool.gateway)
+            # The binding lands before the interface exists; the prefix rules
+            # cover the interface from its first packet anyway.
+            await nft.add_binding(plan.host_if, plan.address)
+        await asyncio.to_thread(network.create_netns, sid, plan)
+
+        box = _Box(sid, d, env, cfg.workdir, cfg.user, SandboxFS(str(rootfs), bundle.UID_SHIFT, bundle.UID_SHIFT))
+        if spec.network == "bridge":
+            await asyncio.to_thread(_write_resolv_conf, box.fs)
+        params = bundle.BundleParams(sid, str(rootfs), plan.netns_path, cgroups.cgroups_path(sid),
+                                     spec.memory_mb, spec.vcpus, spec.pids_limit, env)
+        _write_json(d / "config.json", bundle.build_config(params))
+        (d / "exec").mkdir()
+        await self.runtime.run_detached(d, sid, d / "init.pid", d / "init.log", timeout=60)
+        self._boxes[sid] = box
+
+    async def destroy(self, handle: SandboxHandle) -> None:
+        async with self._lock(handle.sandbox_id):
+            await self._teardown(handle.sandbox_id, {**self._meta_handle(handle.sandbox_id), **handle.data})
+        self._boxes.pop(handle.sandbox_id, None)
+        self._locks.pop(handle.sandbox_id, None)
+
+    async def _teardown(self, sid: str, data: dict[str, str]) -> None:
+        """Undo everything, in reverse order; each step tolerates "already gone"."""
+        errors: list[str] = []
+        d = self.boxes_dir / sid
+        try:
+            await self.runtime.delete(sid)
+        except ProviderError as exc:
+            errors.append(str(exc))
+        # A runtime that failed half-way may leave processes or cgroups behind.
+        await asyncio.to_thread(_kill_cgroup, sid)
+        await asyncio.to_thread(cgroups.remove, sid)
+        with contextlib.suppress(OSError):
+            await asyncio.to_thread(syscalls.umount, str(d / "rootfs"))
+        try:
+            await asyncio.to_thread(network.destroy_netns, sid)
+        except Exception as exc:
+            errors.append(f"network: {exc}")
+        addrs = {data["address"]} if data.get("address") else set()
+        addrs |= set(await asyncio.to_thread(self.pool.owned_by, sid))
+        for addr in addrs:
+            await nft.remove_binding(network.host_ifname(sid), addr)
+            self.pool.release(addr)
+        try:
+            await asyncio.to_thread(shutil.rmtree, d, ignore_errors=False)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            errors.append(f"remove {d}: {exc}")
+        if errors:
+            raise ProviderError(f"destroy {sid} incomplete: {'; '.join(errors)}")
+
+    def _meta_handle(self, sid: str) -> dict[str, str]:
+        try:
+            data = json.loads((self.boxes_dir / sid / "meta.json").read_text())
+            return {str(k): str(v) for k, v in data.get("handle", {}).items()}
+        except (OSError, ValueError):
+            return {}
+
+    async def state(self, handle: SandboxHandle) -> RuntimeState:
+        sid = handle.sandbox_id
+        alive = _init_alive(self.boxes_dir / sid)
+        if alive:
+            return RuntimeState(True)
+        return RuntimeState(False, "oom" if cgroups.oom_kills(sid) > 0 else "crashed")
+
+    async def inventory(self) -> list[InventoryItem]:
+        running = {c.id: c for c in await self.runtime.list()}
+        ids = set(running)
+        if self.boxes_dir.is_dir():
+            ids |= {p.name for p in self.boxes_dir.iterdir() if p.is_dir()}
+        items = []
+        for sid in sorted(ids):
+            labels: dict[str, str] = {}
+            data: dict[str, str] = {}
+            with contextlib.suppress(OSError, ValueError):
+                meta = json.loads((self.boxes_dir / sid / "meta.json").read_text())
+                labels = {str(k): str(v) for k, v in meta.get("labels", {}).items()}
+                data = {str(k): str(v) for k, v in meta.get("handle", {}).items()}
+            alive = sid in running and running[sid].status == "running" and _init_alive(self.boxes_dir / sid)
+            items.append(InventoryItem(sid, alive, SandboxHandle(sid, self.name, data), labels))
+        return items
+
+    # exec ------------------------------------------------------------------------
+    def _box(self, handle: SandboxHandle) -> _Box:
+        sid = handle.sandbox_id
+        box = self._boxes.get(sid)
+        if box is not None:
+            return box
+        d = self.boxes_dir / sid
+        try:
+            meta = json.loads((d / "meta.json").read_text())
+        except (OSError, ValueError):
+            raise ProviderError(f"sandbox {sid} not found on this host") from None
+        fs = SandboxFS(str(d / "rootfs"), bundle.UID_SHIFT, bundle.UID_SHIFT)
+        box = _Box(sid, d, list(meta.get("env", [])), meta.get("workdir", ""), meta.get("user", ""), fs)
+        self._boxes[sid] = box
+        return box
+
+    async def exec(self, handle: SandboxHandle, spec: ExecSpec) -> ExecProcess:
+        if not spec.argv:
+            raise BadRequest("argv must not be empty")
+        if spec.tty:
+            raise BadRequest("the native provider does not offer a TTY for exec")
+        box = self._box(handle)
+        uid, gid = await asyncio.to_thread(resolve_user, box.fs, spec.user or box.user)
+        env = _merge_env(box.env, spec.env)
+        cwd = spec.workdir or box.workdir or "/"
+        self._exec_seq += 1
+        base = box.dir / "exec" / f"{os.getpid()}-{self._exec_seq}"
+        proc_file, pid_file = base.with_suffix(".json"), base.with_suffix(".pid")
+        _write_json(proc_file, bundle.process(list(spec.argv), env, cwd, uid, gid))
+        oom_before = cgroups.oom_kills(box.sandbox_id)
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *self.runtime.exec_argv(box.sandbox_id, proc_file, pid_file),
+                stdin=asyncio.subprocess.PIPE if spec.stdin else asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                start_new_session=True,  # so kill() can take the runtime client's group down
+            )
+        except OSError as exc:
+            proc_file.unlink(missing_ok=True)
+            raise ProviderError(f"cannot start {self.runtime.kind} exec: {exc}") from exc
+
+        async def exit_reason(rc: int) -> str | None:
+            return "oom" if cgroups.oom_kills(box.sandbox_id) > oom_before else None
+
+        return NativeExecProcess(proc, box.sandbox_id, pid_file, [proc_file, pid_file], exit_reason)
+
+    # files -----------------------------------------------------------------------
+    async def read_file(self, handle: SandboxHandle, path: str) -> AsyncIterator[bytes]:
+        fs = self._box(handle).fs
+        fd = await asyncio.to_thread(fs.open_read, path)
+        try:
+            while True:
+                chunk = await asyncio.to_thread(os.read, fd, CHUNK)
+                if not chunk:
+                    break
+                yield chunk
+        finally:
+            os.close(fd)
+
+    async def write_file(
+        self, handle: SandboxHandle, path: str, chunks: AsyncIterator[bytes], mode: int = 0o644
+    ) -> int:
+        fs = self._box(handle).fs
+        fd, pfd, tmp, name = await asyncio.to_thread(fs.open_write, path, mode)
+        total, ok = 0, False
+        try:
+            async for chunk in chunks:
+                view = memoryview(chunk)
+                while view:
+                    n = await asyncio.to_thread(os.write, fd, view)
+                    view = view[n:]
+                    total += n
+            ok = True
+        except OSError as exc:
+            raise SandboxFileError(f"write {path}: {exc.strerror}") from None
+        finally:
+            await asyncio.to_thread(fs.finish_write, fd, pfd, tmp, name, mode, ok, path)
+        return total
+
+    async def list_dir(self, handle: SandboxHandle, path: str) -> list[FileInfo]:
+        return await asyncio.to_thread(self._box(handle).fs.list_dir, path)
+
+    async def stat(self, handle: SandboxHandle, path: str) -> FileInfo:
+        return await asyncio.to_thread(self._box(handle).fs.stat, path)
+
+    async def move(self, handle: SandboxHandle, src: str, dst: str) -> None:
+        await asyncio.to_thread(self._box(handle).fs.move, src, dst)
+
+    async def chmod(self, handle: SandboxHandle, path: str, mode: int) -> None:
+        await asyncio.to_thread(self._box(handle).fs.chmod, path, mode)
+
+    async def delete(self, handle: SandboxHandle, path: str, recursive: bool) -> None:
+        await asyncio.to_thread(self._box(handle).fs.delete, path, recursive)
+
+    async def glob(self, handle: SandboxHandle, pattern: str) -> list[str]:
+        return await asyncio.to_thread(self._box(handle).fs.glob, pattern)
+
+    # observability -----------------------------------------------------------------
+    async def stats(self, handle: SandboxHandle) -> SandboxStats:
+        sid = handle.sandbox_id
+        return SandboxStats(
+            cpu_seconds=cgroups.cpu_seconds(sid),
+            mem_bytes=cgroups.memory_usage(sid),
+            mem_limit_bytes=cgroups.memory_limit(sid),
+            pids=cgroups.pids_current(sid),
+        )
+
+    async def logs(self, handle: SandboxHandle, lines: int) -> list[str]:
+        return await asyncio.to_thread(_tail, self.boxes_dir / handle.sandbox_id / "init.log", lines)
+
+
+# helpers -----------------------------------------------------------------------------
+def _merge_env(*layers: list[str] | dict[str, str]) -> list[str]:
+    """Later layers win; PATH gets a default so execs find their programs."""
+    env: dict[str, str] = {}
+    for layer in layers:
+        items = layer.items() if isinstance(layer, dict) else (e.partition("=")[::2] for e in layer)
+        for k, v in items:
+            if k:
+                env[k] = v
+    env.setdefault("PATH", bundle.PATH_DEFAULT)
+    return [f"{k}={v}" for k, v in env.items()]
+
+
+def _write_json(path: Path, data: object) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
+def _init_alive(d: Path) -> bool:
+    try:
+        pid = int((d / "init.pid").read_text())
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (OSError, ValueError):
+        return False
+    return stat[stat.rindex(")") + 2] not in "ZX"
+
+
+def _kill_cgroup(sid: str) -> None:
+    import signal
+
+    for _ in range(50):
+        pids = cgroups.pids(sid)
+        if not pids:
+            return
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.01)
+
+
+def _tail(path: Path, lines: int) -> list[str]:
+    if lines <= 0:
+        return []
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            end = f.tell()
+            size = min(end, max(64 * 1024, lines * 256))
+            while True:
+                f.seek(end - size)
+                data = f.read(size)
+                if data.count(b"\n") > lines or size == end:
+                    break
+                size = min(end, size * 4)
+    except FileNotFoundError:
+        return []
+    out = data.decode(errors="replace").splitlines()
+    return out[-lines:]
+
+
+def _write_resolv_conf(fs: SandboxFS) -> None:
+    """Copy the host's non-loopback nameservers (loopback ones are unreachable)."""
+    try:
+        host = Path("/etc/resolv.conf").read_text()
+    except OSError:
+        return
+    servers = [ln for ln in host.splitlines() if ln.startswith("nameserver")
+               and ln.split()[1:2] not in (["127.0.0.1"], ["127.0.0.53"], ["::1"])]
+    if not servers:
+        return
+    data = ("\n".join(servers) + "\n").encode()
+    try:
+        fd, pfd, tmp, name = fs.open_write("/etc/resolv.conf", 0o644)
+    except SandboxFileError:
+        return
+    ok = False
+    try:
+        os.write(fd, data)
+        ok = True
+    finally:
+        fs.finish_write(fd, pfd, tmp, name, 0o644, ok, "/etc/resolv.conf")
