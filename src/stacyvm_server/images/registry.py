@@ -146,9 +146,16 @@ class RegistryClient:
                 if not self.blobs.has(desc.digest):
                     await self._fetch_blob(client, ep, ref, desc)
 
-        async with asyncio.TaskGroup() as tg:
-            for desc in descs:
-                tg.create_task(one(desc))
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for desc in descs:
+                    tg.create_task(one(desc))
+        except ExceptionGroup as group:
+            # Callers expect one ImageError (the first failing blob), not a group.
+            first = group.exceptions[0]
+            while isinstance(first, ExceptionGroup):
+                first = first.exceptions[0]
+            raise first from None
 
     async def _fetch_blob(
         self, client: httpx.AsyncClient, ep: _Endpoint, ref: Reference, desc: Descriptor
