@@ -186,3 +186,15 @@ def oci_busybox(local_registry: str, tmp_path: Path) -> Path:
         check=True, timeout=120,
     )
     return dest
+
+
+@pytest.fixture
+def docker_save_busybox(local_registry: str, tmp_path: Path) -> Path:
+    """The busybox test image as a `docker save` style tar (via skopeo docker-archive:)."""
+    dest = tmp_path / "busybox-save.tar"
+    subprocess.run(
+        ["skopeo", "copy", "--quiet", "--src-tls-verify=false", f"docker://{BUSYBOX}",
+         f"docker-archive:{dest}:stacyvm/busybox:1.35"],
+        check=True, timeout=120,
+    )
+    return dest
