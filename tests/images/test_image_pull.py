@@ -180,3 +180,32 @@ async def test_remove_and_prune(local_registry: str, tmp_path: Path, http_regist
     await store.remove(BUSYBOX)
     assert await store.prune(in_use=[bb.rootfs]) > 0
     assert bb.rootfs.exists()  # a running sandbox's lowerdir is kept
+
+
+async def test_two_stores_share_refs_and_crash_leftovers_go(local_registry: str, tmp_path: Path) -> None:
+    a = ImageStore(tmp_path, ImagesConfig())
+    b = ImageStore(tmp_path, ImagesConfig())  # e.g. the `stacyvm image` CLI next to the server
+    img = await a.ensure(BUSYBOX)
+    assert [i.ref for i in b.list()] == [BUSYBOX]
+    await b.remove(BUSYBOX)
+    assert a.list() == []
+    await a.ensure(BUSYBOX)
+    assert b.list() and a.registry.blob_fetches == 2
+    # A crashed unpack (dead pid) is cleaned up; a live process's temp dir is left alone.
+    dead = tmp_path / "rootfs" / f".tmp-999999999-{img.rootfs.name}-x"
+    live = tmp_path / "rootfs" / f".tmp-{os.getpid()}-{img.rootfs.name}-y"
+    dead.mkdir()
+    live.mkdir()
+    (tmp_path / "blobs/sha256/.tmp-999999999-partial").write_bytes(b"half")
+    c = ImageStore(tmp_path, ImagesConfig())
+    assert not dead.exists() and live.exists()
+    assert not (tmp_path / "blobs/sha256/.tmp-999999999-partial").exists()
+    assert [i.rootfs for i in c.list()] == [img.rootfs]
+
+
+async def test_corrupt_cached_manifest_is_refetched(local_registry: str, tmp_path: Path) -> None:
+    img = await ImageStore(tmp_path, ImagesConfig()).ensure(BUSYBOX)
+    (tmp_path / "blobs/sha256" / img.digest.removeprefix("sha256:")).write_bytes(b'{"evil": 1}')
+    store = ImageStore(tmp_path, ImagesConfig())
+    again = await store.ensure(BUSYBOX, uid_shift=7)
+    assert again.digest == img.digest and (again.rootfs / "bin/busybox").stat().st_uid == 7

@@ -21,7 +21,8 @@ class BlobWriter:
         self.store, self.expected, self.size = store, expected, size
         self._hash = hashlib.sha256()
         self.written = 0
-        fd, name = tempfile.mkstemp(dir=store.dir, prefix=".tmp-")
+        # The pid in the name lets a later process tell a crashed writer's leftovers from live ones.
+        fd, name = tempfile.mkstemp(dir=store.dir, prefix=f".tmp-{os.getpid()}-")
         self._tmp = Path(name)
         self._file = os.fdopen(fd, "wb")
 
@@ -86,6 +87,7 @@ class BlobStore:
         except FileNotFoundError:
             raise ImageError(f"blob {digest} is missing from the cache") from None
         if sha256_digest(data) != digest:
+            self.path(digest).unlink(missing_ok=True)  # so the next pull fetches it again
             raise ImageError(f"cached blob {digest} is corrupt (digest mismatch)")
         return data
 

@@ -14,12 +14,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import fcntl
 import json
 import os
 import shutil
 import stat
 import tempfile
-from collections.abc import AsyncIterator, Collection
+from collections.abc import AsyncIterator, Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +52,11 @@ class ImageStore:
         self._rootfs_dir = root / "rootfs"
         self._rootfs_dir.mkdir(parents=True, exist_ok=True)
         self._refs_path = root / "refs.json"
-        self._refs, self._sizes = self._load_refs()
+        self._refs: dict[str, _Entry] = {}
+        self._sizes: dict[str, int] = {}
+        self._refs_stamp: tuple[int, int] | None = None
+        self._refresh()
+        _remove_leftovers(self._rootfs_dir, self.blobs.dir)
         self._inflight: dict[tuple[str, int], asyncio.Task[Image]] = {}
         self._unpack_locks: dict[str, asyncio.Lock] = {}
         # Pulls and imports run concurrently; prune waits until none runs and blocks new ones.
@@ -75,6 +80,7 @@ class ImageStore:
         return await asyncio.shield(task)
 
     async def _ensure(self, r: Reference, uid_shift: int) -> Image:
+        self._refresh()
         entry = self._refs.get(str(r))
         if entry is not None:
             with contextlib.suppress(ImageError):  # cache damaged or blobs pruned: pull again
@@ -100,6 +106,7 @@ class ImageStore:
 
     def list(self) -> list[Image]:
         """Every ref with each rootfs unpacked for it (one Image per uid shift)."""
+        self._refresh()
         images = []
         for ref, entry in sorted(self._refs.items()):
             hexd = check_digest(entry.digest)
@@ -111,10 +118,8 @@ class ImageStore:
     async def remove(self, ref: str) -> None:
         """Forget a ref. Its data stays until prune(): a sandbox may still run on its rootfs."""
         key = str(self.parse(ref))
-        if key not in self._refs:
+        if not await asyncio.to_thread(self._drop_ref, key):
             raise ImageNotFound(f"image {key} is not in the cache")
-        del self._refs[key]
-        await asyncio.to_thread(self._save_refs)
 
     async def prune(self, in_use: Collection[Path] = ()) -> int:
         """Delete blobs and rootfs trees no ref uses (nor any path in in_use); return bytes freed."""
@@ -146,8 +151,7 @@ class ImageStore:
         config = parse_config(self.blobs.read(manifest.config.digest))
         entry = _Entry(manifest.digest, config)
         image = await self._materialise(str(r), entry, uid_shift)
-        self._refs[str(r)] = entry
-        await asyncio.to_thread(self._save_refs)
+        await asyncio.to_thread(self._set_ref, str(r), entry)
         return image
 
     async def _materialise(self, ref: str, entry: _Entry, uid_shift: int) -> Image:
@@ -156,12 +160,12 @@ class ImageStore:
         async with self._unpack_locks.setdefault(name, asyncio.Lock()):
             if not (self._rootfs_dir / name).is_dir():
                 manifest = parse_manifest(self.blobs.read(entry.digest), entry.digest)
-                self._sizes[name] = await asyncio.to_thread(self._unpack, manifest, uid_shift, name)
-                await asyncio.to_thread(self._save_refs)
+                size = await asyncio.to_thread(self._unpack, manifest, uid_shift, name)
+                await asyncio.to_thread(self._set_size, name, size)
         return self._image(ref, entry, uid_shift)
 
     def _unpack(self, manifest: Manifest, uid_shift: int, name: str) -> int:
-        tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP}{name}-", dir=self._rootfs_dir))
+        tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP}{os.getpid()}-{name}-", dir=self._rootfs_dir))
         try:
             os.chown(tmp, uid_shift, uid_shift)
             os.chmod(tmp, 0o755)
@@ -183,6 +187,38 @@ class ImageStore:
         if name not in self._sizes:  # unpacked before a crash that lost refs.json's update
             self._sizes[name] = _tree_size(rootfs)
         return Image(ref, entry.digest, entry.config, rootfs, self._sizes[name])
+
+    # refs.json is shared with other processes on the same cache (the `stacyvm image` CLI):
+    # every change is a read-modify-write under an flock, and readers reload when it changed.
+
+    def _refresh(self) -> None:
+        try:
+            st = self._refs_path.stat()
+        except FileNotFoundError:
+            return
+        if (st.st_ino, st.st_mtime_ns) != self._refs_stamp:
+            self._refs, self._sizes = self._load_refs()
+            self._refs_stamp = (st.st_ino, st.st_mtime_ns)
+
+    @contextlib.contextmanager
+    def _refs_locked(self) -> Iterator[None]:
+        with open(self.root / "refs.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self._refresh()
+            yield
+            self._save_refs()
+
+    def _set_ref(self, ref: str, entry: _Entry) -> None:
+        with self._refs_locked():
+            self._refs[ref] = entry
+
+    def _set_size(self, name: str, size: int) -> None:
+        with self._refs_locked():
+            self._sizes[name] = size
+
+    def _drop_ref(self, ref: str) -> bool:
+        with self._refs_locked():
+            return self._refs.pop(ref, None) is not None
 
     def _load_refs(self) -> tuple[dict[str, _Entry], dict[str, int]]:
         try:
@@ -208,9 +244,14 @@ class ImageStore:
         tmp = self._refs_path.with_name(f"{_TMP}refs.json")
         tmp.write_text(json.dumps(doc, indent=1))
         os.replace(tmp, self._refs_path)
+        st = self._refs_path.stat()
+        self._refs_stamp = (st.st_ino, st.st_mtime_ns)
 
     def _prune(self, in_use_paths: Collection[Path]) -> int:
-        in_use = {Path(p).resolve() for p in in_use_paths}
+        with self._refs_locked():
+            return self._prune_locked({Path(p).resolve() for p in in_use_paths})
+
+    def _prune_locked(self, in_use: set[Path]) -> int:
         keep_blobs: set[str] = set()
         keep_rootfs: set[str] = set()
         for entry in self._refs.values():
@@ -220,18 +261,40 @@ class ImageStore:
                 m = parse_manifest(self.blobs.read(entry.digest), entry.digest)
                 keep_blobs.update(check_digest(d.digest) for d in [m.config, *m.layers])
         freed = 0
+        _remove_leftovers(self.blobs.dir, self._rootfs_dir)
         for blob in self.blobs.dir.iterdir():
-            if blob.name not in keep_blobs:
+            if blob.name not in keep_blobs and not blob.name.startswith(_TMP):
                 freed += blob.lstat().st_size
                 blob.unlink()
         for tree in self._rootfs_dir.iterdir():
-            if tree.name.split("-")[0] in keep_rootfs or tree.resolve() in in_use:
+            if tree.name.startswith(_TMP) or tree.name.split("-")[0] in keep_rootfs or tree.resolve() in in_use:
                 continue
             freed += _tree_size(tree)
             shutil.rmtree(tree)
             self._sizes.pop(tree.name, None)
-        self._save_refs()
         return freed
+
+
+def _remove_leftovers(*dirs: Path) -> None:
+    """Drop temp files and half-unpacked trees whose process (pid in the name) is gone."""
+    for d in dirs:
+        for p in d.glob(f"{_TMP}*"):
+            if _pid_alive(p.name.removeprefix(_TMP).split("-", 1)[0]):
+                continue
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+
+
+def _pid_alive(text: str) -> bool:
+    try:
+        os.kill(int(text), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _tree_size(path: Path) -> int:
