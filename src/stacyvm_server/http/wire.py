@@ -84,9 +84,11 @@ def parse_body(raw: bytes, model: type[M], *, optional: bool = False) -> M:
             return model()
         raise BadRequest("request body is required (a JSON object)")
     try:
-        data = json.loads(raw)
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise BadRequest("request body must be UTF-8 JSON") from exc
+    try:
+        data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise BadRequest(f"malformed JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from exc
     except RecursionError as exc:
