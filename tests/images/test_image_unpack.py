@@ -194,3 +194,8 @@ def test_large_layer_streams(tmp_path: Path, root: Path) -> None:
     assert apply_layer(big, root) == 64 << 20
     grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
     assert grown_kib < 32 * 1024, f"unpacking a 64 MiB file grew RSS by {grown_kib} KiB"
+
+
+def test_whiteout_in_missing_dir_creates_nothing(tmp_path: Path, root: Path) -> None:
+    apply(tmp_path, root, [Entry("a/b/.wh.c"), Entry("x/.wh..wh..opq")])
+    assert os.listdir(root) == []

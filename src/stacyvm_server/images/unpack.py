@@ -91,6 +91,8 @@ class _Applier:
         if m.ischr() or m.isblk() or m.isfifo():
             return  # device nodes and fifos never come from an image; the runtime makes /dev
         base = parts[-1]
+        if base.startswith(WHITEOUT) and not self._parent_exists(parts):
+            return  # nothing below to hide; do not create the directories
         with self._parent(parts) as pfd:
             if base == OPAQUE:
                 self._clear_lower(pfd, tuple(parts[:-1]))
@@ -112,8 +114,15 @@ class _Applier:
             elif m.islnk():
                 self._hardlink(pfd, base, m)
 
+    def _parent_exists(self, parts: list[str]) -> bool:
+        try:
+            with self._parent(parts, create=False):
+                return True
+        except FileNotFoundError:
+            return False
+
     @contextmanager
-    def _parent(self, parts: list[str]) -> Iterator[int]:
+    def _parent(self, parts: list[str], create: bool = True) -> Iterator[int]:
         """An fd for the entry's parent directory, creating missing directories."""
         fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
         try:
@@ -121,6 +130,8 @@ class _Applier:
                 try:
                     nfd = os.open(comp, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
                 except FileNotFoundError:
+                    if not create:
+                        raise
                     os.mkdir(comp, 0o755, dir_fd=fd)
                     os.chown(comp, self.shift, self.shift, dir_fd=fd, follow_symlinks=False)
                     nfd = os.open(comp, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
