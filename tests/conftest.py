@@ -100,8 +100,14 @@ def _config(data_dir: Path, port: int, auth: dict[str, object] | None) -> dict[s
 def start_server(root: Path, auth: dict[str, object] | None = None) -> ServerProc:
     root.mkdir(parents=True, exist_ok=True)
     # Not under pytest's 0700 tmp tree: the sandbox's mapped root must traverse the path.
-    data_dir = Path(tempfile.mkdtemp(prefix="stacyvm-test-", dir="/var/tmp"))
-    data_dir.chmod(0o755)
+    # root/data links to it, so a restart with the same root reuses the same data.
+    link = root / "data"
+    if link.is_symlink():
+        data_dir = link.resolve()
+    else:
+        data_dir = Path(tempfile.mkdtemp(prefix="stacyvm-test-", dir="/var/tmp"))
+        data_dir.chmod(0o755)
+        link.symlink_to(data_dir)
     port = _free_port()
     cfg = root / "stacyvm.yaml"
     cfg.write_text(yaml.safe_dump(_config(data_dir, port, auth)))
