@@ -175,7 +175,7 @@ def exec_(
                         continue
                     chunk = json.loads(line)
                     if chunk.get("stream") == "exit":
-                        code = int(chunk["data"])
+                        code = int(chunk["exit_code"])
                     else:
                         out = sys.stderr if chunk.get("stream") == "stderr" else sys.stdout
                         out.write(chunk.get("data", ""))

@@ -19,10 +19,7 @@ router = APIRouter(tags=["exec"])
 def ndjson_line(chunk: StreamChunk) -> bytes:
     if chunk.stream == "exit":
         # Opt-in trailer (report_exit): the SDKs never ask for it, so they never see it.
-        try:
-            return (json.dumps({"stream": "exit", "exit_code": int(chunk.data)}) + "\n").encode()
-        except ValueError:
-            return (json.dumps({"stream": "exit", "data": chunk.data}) + "\n").encode()
+        return (json.dumps({"stream": "exit", "exit_code": int(chunk.data)}) + "\n").encode()
     # Exactly these two keys: the SDK parsers treat anything else as an empty stdout chunk.
     return (json.dumps({"stream": chunk.stream, "data": chunk.data}) + "\n").encode()
 
