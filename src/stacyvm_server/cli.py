@@ -243,9 +243,7 @@ def doctor(
     from stacyvm_server.providers.native import host
 
     settings = _settings(config)
-    if fix:
-        host.fix_host(settings)
-    problems = host.check_host(settings)
+    problems = asyncio.run(host.fix_host(settings)) if fix else host.check_host(settings)
     bad = 0
     typer.echo("native provider:")
     for p in problems:
