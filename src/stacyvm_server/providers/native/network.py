@@ -31,6 +31,7 @@ from stacyvm_server.providers.native import syscalls
 from stacyvm_server.providers.native.nft import IF_PREFIX
 
 NETNS_DIR = Path("/run/netns")
+ADDRESS_DIR = Path("/run/stacyvm/addresses")
 SANDBOX_IF = "eth0"
 
 T = TypeVar("T")

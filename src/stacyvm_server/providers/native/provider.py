@@ -7,7 +7,7 @@ Per sandbox, under `<native_dir>/sandboxes/<id>/`:
   config.json the OCI bundle config;  init.pid / init.log: PID 1 and its output
   exec/       per-exec process.json and pid files
 The runtime's state lives in `<native_dir>/runtime`; the netns is
-/run/netns/stacyvm-<id>; addresses are reserved in `<native_dir>/addresses`.
+/run/netns/stacyvm-<id>; addresses are reserved host-wide in /run/stacyvm/addresses.
 """
 
 from __future__ import annotations
@@ -77,7 +77,9 @@ class NativeProvider(Provider):
         self.root = settings.native_dir
         self.boxes_dir = self.root / "sandboxes"
         self.runtime = OciRuntime(settings.native.runtime, host.runtime_path(settings), self.root / "runtime")
-        self.pool = network.AddressPool(settings.native.bridge_subnet, self.root / "addresses")
+        # Addresses are host-wide (like the routes and the nft table), not per
+        # data dir: two servers on one host must never hand out the same one.
+        self.pool = network.AddressPool(settings.native.bridge_subnet, network.ADDRESS_DIR)
         self._boxes: dict[str, _Box] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._exec_seq = 0
@@ -183,6 +185,11 @@ class NativeProvider(Provider):
                                      spec.memory_mb, spec.vcpus, spec.pids_limit, env)
         _write_json(d / "config.json", bundle.build_config(params))
         (d / "exec").mkdir()
+        # The init's output file belongs to the sandbox's root, so processes in
+        # the sandbox may reopen it (e.g. via /proc/1/fd/1) like a console.
+        log = d / "init.log"
+        log.touch(mode=0o600)
+        os.chown(log, bundle.UID_SHIFT, bundle.UID_SHIFT)
         await self.runtime.run_detached(d, sid, d / "init.pid", d / "init.log", timeout=60)
         self._boxes[sid] = box
 
