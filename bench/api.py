@@ -1,0 +1,150 @@
+"""The StacyVM REST API as the benchmark drives it: one keep-alive httpx client, timed calls."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import time
+from dataclasses import dataclass
+
+import httpx
+
+PREFIX = "/api/v1"
+
+
+class ApiError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class SandboxSpec:
+    image: str
+    memory_mb: int = 256
+    vcpus: int = 1
+    ttl: str = "30m"
+    network: str = "none"
+
+    def body(self) -> dict[str, object]:
+        return {
+            "image": self.image, "memory_mb": self.memory_mb, "vcpus": self.vcpus,
+            "ttl": self.ttl, "network": self.network,
+        }
+
+
+@dataclass(frozen=True)
+class StreamTiming:
+    headers_ms: float  # response headers received
+    first_byte_ms: float  # first body byte (the first NDJSON line)
+    total_ms: float  # last byte
+
+
+def _ms(t0: float) -> float:
+    return (time.perf_counter() - t0) * 1000.0
+
+
+def _check(resp: httpx.Response, what: str, status: int = 200) -> None:
+    if resp.status_code != status:
+        raise ApiError(f"{what}: HTTP {resp.status_code}: {resp.text[:300]}")
+
+
+class Api:
+    def __init__(self, url: str, api_key: str | None, max_connections: int = 64) -> None:
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.client = httpx.AsyncClient(
+            base_url=url.rstrip("/") + PREFIX,
+            headers=headers,
+            timeout=httpx.Timeout(300.0),
+            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+        )
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+    async def health(self) -> dict[str, object]:
+        resp = await self.client.get("/health")
+        _check(resp, "health")
+        data: dict[str, object] = resp.json()
+        return data
+
+    async def create(self, spec: SandboxSpec) -> tuple[str, float]:
+        t0 = time.perf_counter()
+        resp = await self.client.post("/sandboxes", json=spec.body())
+        ms = _ms(t0)
+        _check(resp, "create", 201)
+        data = resp.json()
+        if data.get("state") != "running":
+            raise ApiError(f"create: state {data.get('state')!r}, not running")
+        return str(data["id"]), ms
+
+    async def exec(self, sid: str, command: str, args: list[str]) -> float:
+        """argv-mode exec, synchronous JSON; raises unless the exit code is 0."""
+        t0 = time.perf_counter()
+        resp = await self.client.post(
+            f"/sandboxes/{sid}/exec", json={"command": command, "args": args, "mode": "argv"}
+        )
+        ms = _ms(t0)
+        _check(resp, "exec")
+        data = resp.json()
+        if data.get("exit_code") != 0:
+            raise ApiError(f"exec {command}: exit {data.get('exit_code')}: {str(data.get('stderr'))[:200]}")
+        return ms
+
+    async def exec_stream(self, sid: str, command: str, args: list[str]) -> StreamTiming:
+        t0 = time.perf_counter()
+        body = {"command": command, "args": args, "mode": "argv", "stream": True}
+        first: float | None = None
+        data = b""
+        async with self.client.stream("POST", f"/sandboxes/{sid}/exec", json=body) as resp:
+            headers = _ms(t0)
+            if resp.status_code != 200:
+                await resp.aread()
+                raise ApiError(f"exec stream: HTTP {resp.status_code}: {resp.text[:300]}")
+            async for chunk in resp.aiter_raw():
+                if chunk and first is None:
+                    first = _ms(t0)
+                data += chunk
+        total = _ms(t0)
+        if first is None or b'"stdout"' not in data:
+            raise ApiError(f"exec stream: no stdout line in {data[:200]!r}")
+        return StreamTiming(headers, first, total)
+
+    async def destroy(self, sid: str) -> float:
+        t0 = time.perf_counter()
+        resp = await self.client.delete(f"/sandboxes/{sid}")
+        ms = _ms(t0)
+        _check(resp, "destroy")
+        return ms
+
+    async def list_ids(self) -> list[str]:
+        resp = await self.client.get("/sandboxes")
+        _check(resp, "list")
+        return [str(s["id"]) for s in resp.json() if s.get("state") not in ("destroyed",)]
+
+    async def write_file(self, sid: str, path: str, encoded_body: bytes) -> float:
+        """POST a pre-encoded JSON body (client-side base64/JSON work is not timed)."""
+        t0 = time.perf_counter()
+        resp = await self.client.post(
+            f"/sandboxes/{sid}/files", content=encoded_body, headers={"Content-Type": "application/json"}
+        )
+        ms = _ms(t0)
+        _check(resp, f"write {path}")
+        return ms
+
+    async def read_file(self, sid: str, path: str) -> tuple[float, int, str]:
+        """Stream the file; returns (ms to last byte, bytes, sha256)."""
+        h = hashlib.sha256()
+        size = 0
+        t0 = time.perf_counter()
+        async with self.client.stream("GET", f"/sandboxes/{sid}/files", params={"path": path}) as resp:
+            if resp.status_code != 200:
+                await resp.aread()
+                raise ApiError(f"read {path}: HTTP {resp.status_code}: {resp.text[:300]}")
+            async for chunk in resp.aiter_raw():
+                h.update(chunk)
+                size += len(chunk)
+        return _ms(t0), size, h.hexdigest()
+
+
+def file_body(path: str, data: bytes) -> bytes:
+    """The JSON body of a base64 file write, built without a second copy through json.dumps."""
+    return b'{"path":"' + path.encode() + b'","encoding":"base64","content":"' + base64.b64encode(data) + b'"}'

@@ -1,0 +1,158 @@
+"""`python -m bench`: measure, print the table, optionally write docs/benchmarks.md and JSON."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bench import server as own_server
+from bench.api import Api
+from bench.machine import describe
+from bench.raw import RawCrun, RawError, server_rootfs, umoci_rootfs
+from bench.report import build_json, results_markdown, write_markdown
+from bench.runner import Plan, Runner, log
+
+REPO = Path(__file__).resolve().parents[1]
+TEMPLATE = Path(__file__).with_name("benchmarks_template.md")
+BUSYBOX = "127.0.0.1:5000/stacyvm/busybox:1.35"
+PYTHON = "127.0.0.1:5000/stacyvm/debian-python:3.11"
+# OCI layouts kept by scripts/build-test-images.sh: the raw side's fallback source.
+OCI_CACHE = Path("/var/cache/stacyvm/oci")
+PROVIDERS = ("native",)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    p.add_argument("--quick", action="store_true", help="fewer samples: under a minute, for use before a commit")
+    p.add_argument("--providers", default="native", help="comma-separated; this harness measures: native")
+    p.add_argument("--url", help="a running server (default: start one in a temp dir)")
+    p.add_argument("--api-key", help="API key for --url")
+    p.add_argument("--data-dir", type=Path, help="data_dir of the --url server (to reuse its unpacked images)")
+    p.add_argument("--iterations", type=int, help="lifecycle and stream samples (default 30, quick 8)")
+    p.add_argument("--exec-iterations", type=int, help="exec `true` samples (default 200, quick 40)")
+    p.add_argument("--warmup", type=int, help="discarded warm-up iterations per phase (default 3, quick 2)")
+    p.add_argument("--bursts", default="10,20,50", help="concurrent-create burst sizes")
+    p.add_argument("--file-mb", type=int, default=100, help="file size for the throughput milestone (MB)")
+    p.add_argument("--file-reps", type=int, help="file write+read repetitions (default 3, quick 1)")
+    p.add_argument("--density", type=int, help="idle sandboxes held for the memory milestone (default 20, quick 5)")
+    p.add_argument("--no-raw", action="store_true", help="skip the raw crun baseline")
+    p.add_argument("--busybox", default=BUSYBOX)
+    p.add_argument("--python", default=PYTHON)
+    p.add_argument("--out", type=Path, help="write the Markdown report here (e.g. docs/benchmarks.md)")
+    p.add_argument("--json", type=Path, dest="json_out", help="write the JSON results here")
+    return p.parse_args(argv)
+
+
+def make_plan(a: argparse.Namespace) -> Plan:
+    q = a.quick
+    iterations = a.iterations or (8 if q else 30)
+    exec_n = a.exec_iterations or (5 * a.iterations if a.iterations else (40 if q else 200))
+    return Plan(
+        iterations=iterations,
+        exec_iterations=exec_n,
+        python_iterations=max(3, exec_n // 4),
+        warmup=a.warmup if a.warmup is not None else (2 if q else 3),
+        bursts=[int(x) for x in a.bursts.split(",") if x.strip()],
+        file_mb=a.file_mb,
+        file_reps=a.file_reps or (1 if q else 3),
+        density=a.density if a.density is not None else (5 if q else 20),
+        busybox=a.busybox,
+        python=a.python,
+        raw=not a.no_raw,
+    )
+
+
+def raw_rootfs(images: list[str], data_dir: Path | None, work: Path) -> tuple[dict[str, Path], str]:
+    """The server's own unpacked rootfs when we can see it, else our umoci unpack of the same image."""
+    found = {ref: server_rootfs(data_dir, ref) for ref in images} if data_dir else {}
+    if all(found.get(ref) for ref in images):
+        return {ref: p for ref, p in found.items() if p}, "the server's unpacked image cache (same files)"
+    out: dict[str, Path] = {}
+    for ref in images:
+        name, _, tag = ref.rsplit("/", 1)[-1].partition(":")
+        out[ref] = umoci_rootfs(OCI_CACHE / name, tag or "latest", work)
+    return out, f"umoci unpack of {OCI_CACHE}/<name> (the layouts pushed to the registry)"
+
+
+async def measure(a: argparse.Namespace, plan: Plan, work: Path) -> dict[str, Any]:
+    own = None
+    url, data_dir, server_pid = a.url, a.data_dir, None
+    if not url:
+        log("starting a server of our own")
+        own = own_server.start(work / "server", plan.busybox)
+        url, data_dir, server_pid = own.url, own.data_dir, own.proc.pid
+    api = Api(url, a.api_key, max_connections=max([64, *plan.bursts]))
+    raw: RawCrun | None = None
+    head: dict[str, Any] = {"server": {"url": url, "own": own is not None}, "raw": {}}
+    try:
+        head["server"]["version"] = (await api.health()).get("version")
+        runner = Runner(api, None, plan, {}, server_pid)
+        await runner.warm_images()  # the server pulls/unpacks; the raw side may then reuse its rootfs
+        if plan.raw:
+            rootfs, source = raw_rootfs([plan.busybox, plan.python], data_dir, work)
+            raw = RawCrun(work / "raw")
+            runner.raw, runner.rootfs = raw, rootfs
+            head["raw"] = {"bundle": raw.bundle_source, "rootfs_source": source,
+                           "rootfs": {k: str(v) for k, v in rootfs.items()}}
+        results = await runner.run_all()
+    finally:
+        await api.aclose()
+        if raw is not None:
+            raw.cleanup()
+        if own is not None:
+            own_server.stop(own)
+            head["server"]["log_tail"] = own.log_tail(15)
+    return {"head": head, "results": results}
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    wanted = [p.strip() for p in a.providers.split(",") if p.strip()]
+    unknown = [p for p in wanted if p not in PROVIDERS]
+    if unknown:
+        print(f"bench: providers not measured by this harness yet: {', '.join(unknown)}", file=sys.stderr)
+        return 2
+    if a.url is None and shutil.which("crun") is None:
+        print("bench: crun is not installed", file=sys.stderr)
+        return 2
+    plan = make_plan(a)
+    command = "python -m bench " + " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))
+    started = datetime.now(UTC)
+    t0 = time.monotonic()
+    machine = describe(REPO)
+    work = Path(tempfile.mkdtemp(prefix="stacyvm-bench-"))
+    work.chmod(0o711)  # sandbox roots (host uid 100000) must traverse to their bundles
+    try:
+        measured = asyncio.run(measure(a, plan, work))
+    except (own_server.ServerError, RawError) as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    head = {
+        "command": command.strip(),
+        "mode": "quick" if a.quick else "full",
+        "started_at": started.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "duration_s": round(time.monotonic() - t0, 1),
+        "machine": machine.to_json(),
+        "plan": plan.__dict__,
+        **measured["head"],
+    }
+    doc = build_json(measured["results"], head)
+    print("\n".join(results_markdown(doc)))
+    if a.json_out:
+        a.json_out.parent.mkdir(parents=True, exist_ok=True)
+        a.json_out.write_text(json.dumps(doc, indent=1) + "\n")
+    if a.out:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(write_markdown(doc, TEMPLATE.read_text()))
+    return 0

@@ -1,0 +1,164 @@
+"""Results as JSON (machine-readable) and as docs/benchmarks.md (for people)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bench.runner import Results
+from bench.stats import WIDE_FACTOR, Summary, summarize
+
+# Issue 3 acceptance: (milestone, statistic, limit in ms).
+TARGETS = (("create", "p50", 60.0), ("exec_true", "p50", 15.0), ("exec_true", "p99", 40.0))
+
+
+def _ratio(server: Summary, raw: Summary | None) -> float | None:
+    if raw is None or not server.p50 or not raw.p50:
+        return None
+    return round(server.p50 / raw.p50, 2)
+
+
+def build_json(res: Results, head: dict[str, Any]) -> dict[str, Any]:
+    server = {k: summarize(v) for k, v in res.server.items()}
+    raw = {k: summarize(v) for k, v in res.raw.items()}
+    milestones: dict[str, Any] = {}
+    for name, s in server.items():
+        entry = s.to_json()
+        base = raw.get(name)
+        entry["raw_p50"] = base.p50 if base else None
+        entry["ratio_p50"] = _ratio(s, base)
+        milestones[name] = entry
+    targets = []
+    for name, stat, limit in TARGETS:
+        found = server.get(name)
+        value = getattr(found, stat) if found else None
+        targets.append({"milestone": name, "stat": stat, "limit_ms": limit, "value_ms": value,
+                        "met": value is not None and value <= limit})
+    errors = sum(s.errors for s in server.values()) + sum(s.errors for s in raw.values())
+    return {
+        "schema": 1,
+        **head,
+        "providers": {"native": {"milestones": milestones, "extras": res.extras}},
+        "baselines": {"raw_crun": {"milestones": {k: v.to_json() for k, v in raw.items()}}},
+        "errors_total": errors,
+        "targets": targets,
+    }
+
+
+# ---------------------------------------------------------------------------- markdown
+
+
+def _f(v: float | None, unit: str = "ms") -> str:
+    if v is None:
+        return "-"
+    if unit == "MB/s":
+        return f"{v:.0f}"
+    return f"{v:.1f}" if v < 100 else f"{v:.0f}"
+
+
+def _row(name: str, s: dict[str, Any], with_raw: bool) -> str:
+    unit = s["unit"]
+    cells = [f"`{name}`", unit, str(s["n"]), f"**{s['errors']}**" if s["errors"] else "0",
+             _f(s["p50"], unit), _f(s["p95"], unit), _f(s["p99"], unit), _f(s["min"], unit), _f(s["max"], unit)]
+    if with_raw:
+        cells += [_f(s.get("raw_p50"), unit), f"{s['ratio_p50']:.2f}x" if s.get("ratio_p50") else "-"]
+    note = f"wide ({s['spread']:.1f}x)" if s["wide"] and s["spread"] else ""
+    cells.append(note)
+    return "| " + " | ".join(cells) + " |"
+
+
+def _table(rows: dict[str, Any], with_raw: bool) -> list[str]:
+    head = "| milestone | unit | n | errors | p50 | p95 | p99 | min | max |"
+    sep = "|---|---|--:|--:|--:|--:|--:|--:|--:|"
+    if with_raw:
+        head += " raw p50 | ratio p50 |"
+        sep += "--:|--:|"
+    out = [head + " note |", sep + "---|"]
+    out += [_row(name, s, with_raw) for name, s in rows.items()]
+    return out
+
+
+def _mib(b: int) -> str:
+    return f"{b / 1024 / 1024:.2f}"
+
+
+def results_markdown(doc: dict[str, Any]) -> list[str]:
+    m = doc["machine"]
+    native = doc["providers"]["native"]
+    ms = native["milestones"]
+    raw = doc["baselines"]["raw_crun"]["milestones"]
+    ex = native["extras"]
+    out = [
+        f"Run of {doc['started_at']} ({doc['duration_s']:.0f} s), mode `{doc['mode']}`, "
+        f"commit {m['git_commit']}.",
+        "",
+        "```",
+        doc["command"],
+        "```",
+        "",
+        f"Machine: {m['cpu_model']}, {m['nproc']} CPUs, {m['memory_gib']} GiB RAM, {m['os']}, kernel {m['kernel']}, "
+        f"{m['crun']}, Python {m['python']}, load average at start {m['load_avg']}. "
+        f"Server: {doc['server']['url']} ({'started by the harness' if doc['server']['own'] else 'given with --url'}"
+        f", version {doc['server'].get('version', '?')}). Raw bundle: {doc['raw'].get('bundle', 'not run')}. "
+        f"Raw rootfs: {doc['raw'].get('rootfs_source', 'not run')}.",
+        "",
+        f"Failed operations in this run: **{doc['errors_total']}**.",
+        "",
+        "### native provider (crun) through HTTP, beside raw crun",
+        "",
+        *_table(ms, with_raw=True),
+        "",
+        "### raw crun baseline (same run, interleaved)",
+        "",
+        *_table(raw, with_raw=False),
+        "",
+    ]
+    bursts = [k for k in ms if k.startswith("burst_")]
+    if bursts:
+        out += ["### bursts", "", "| burst | server wall (ms) | server destroy-all wall (ms) | raw wall (ms) |",
+                "|---|--:|--:|--:|"]
+        for k in bursts:
+            out.append(f"| {k.removeprefix('burst_')} concurrent creates | {ex.get(k + '_wall_ms', '-')} | "
+                       f"{ex.get(k + '_destroy_wall_ms', '-')} | {ex.get('raw_' + k + '_wall_ms', '-')} |")
+        out.append("")
+    d = ex.get("density")
+    if d:
+        per = d["per_sandbox_bytes"]
+        out += [
+            f"### density: {d['held']} of {d['requested']} idle sandboxes held "
+            f"({d['procs_per_sandbox']} processes each; leftover cgroups after destroy: {len(d['leftover_cgroups'])})",
+            "",
+            "| per idle sandbox | MiB |",
+            "|---|--:|",
+            f"| cgroup `memory.usage_in_bytes` (rss + page cache + kernel memory) | {_mib(per['cgroup_usage'])} |",
+            f"| cgroup `total_rss` (anonymous memory) | {_mib(per['cgroup_rss'])} |",
+            f"| cgroup `total_cache` (page cache charged to the sandbox) | {_mib(per['cgroup_cache'])} |",
+            f"| sum of VmRSS of the sandbox's processes | {_mib(per['procs_rss'])} |",
+            f"| sum of Pss of the sandbox's processes | {_mib(per['procs_pss'])} |",
+            f"| growth of the server process tree's RSS / N | {_mib(per['server_rss_delta'])} |",
+            f"| growth of host MemTotal - MemAvailable / N (noisy: whole host) | {_mib(per['host_used_delta'])} |",
+            "",
+        ]
+    out += ["### issue 3 targets (native, image cached)", "", "| target | measured | met |", "|---|--:|---|"]
+    for t in doc["targets"]:
+        v = "-" if t["value_ms"] is None else f"{t['value_ms']:.1f} ms"
+        met = "yes" if t["met"] else "**no**"
+        out.append(f"| {t['milestone']} {t['stat']} <= {t['limit_ms']:.0f} ms | {v} | {met} |")
+    out.append("")
+    if ex.get("file_mb"):
+        out.append(f"File milestone: {ex['file_mb']} MB (10^6 bytes) of random data, "
+                   f"{ex.get('file_requests_per_write', 1)} request(s) per write.")
+    if ex.get("stream_headers_ms_p50") is not None:
+        out.append(f"Streamed exec: response headers arrived after {ex['stream_headers_ms_p50']} ms (p50).")
+    errs = [(n, s) for n, s in {**ms, **{f"raw {k}": v for k, v in raw.items()}}.items() if s["errors"]]
+    if errs or ex.get("cleanup_errors"):
+        out += ["", "Failures (first messages):", ""]
+        out += [f"- `{n}`: {s['errors']} x {'; '.join(s['error_messages'][:2])}" for n, s in errs]
+        out += [f"- cleanup: {e}" for e in ex.get("cleanup_errors", [])[:5]]
+    out.append("")
+    return out
+
+
+def write_markdown(doc: dict[str, Any], intro: str) -> str:
+    return intro.replace("{{RESULTS}}", "\n".join(results_markdown(doc))).replace(
+        "{{WIDE}}", f"{WIDE_FACTOR:g}"
+    )
