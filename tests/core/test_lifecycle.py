@@ -4,6 +4,7 @@ TTL timers, restarts that lose nothing, and startup reconcile after SIGKILL."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import threading
@@ -163,3 +164,16 @@ def test_sigkill_mid_spawn_leaves_no_orphans(
         assert _native_ids(again) == set()
     finally:
         stop_server(again)
+
+
+def test_dead_sandbox_is_cleaned_up(server: ServerProc, test_images: dict[str, str]) -> None:
+    """When the sandbox's init dies under us, the watchdog ends it with reason `crashed`."""
+    with httpx.Client(base_url=server.base_url, timeout=60) as c:
+        sid = str(_spawn(c, test_images["busybox"])["id"])
+        pid = int((server.data_dir / "native" / "sandboxes" / sid / "init.pid").read_text())
+        os.kill(pid, signal.SIGKILL)
+        _wait_gone(c, sid, timeout=12)
+    assert sid not in _native_ids(server)
+    assert sid not in _crun_ids(server)
+    destroyed = [e for e in _events(server, sid) if e["type"] == "sandbox.destroyed"]
+    assert destroyed and destroyed[-1]["data"] == {"reason": "crashed"}

@@ -1,4 +1,5 @@
-"""TTL enforcement from the store: a timer armed for the next expiry, not a periodic sweep."""
+"""TTL enforcement from the store (a timer armed for the next expiry, not a periodic sweep),
+and a watchdog that ends sandboxes whose runtime died under us (OOM of the init, crash)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import contextlib
 import logging
 import time
 
-from stacyvm_server.core.models import Reason, utcnow
+from stacyvm_server.core.models import Reason, State, utcnow
 from stacyvm_server.core.sandboxes import SandboxService
 from stacyvm_server.store.db import Store
 
@@ -16,6 +17,7 @@ log = logging.getLogger("stacyvm.reaper")
 # Upper bound on one sleep, so a clock jump or a missed wake-up costs at most this.
 _MAX_SLEEP = 30.0
 _RETRY_AFTER = 5.0
+_WATCH_EVERY = 5.0
 
 
 class Reaper:
@@ -23,7 +25,7 @@ class Reaper:
         self.store = store
         self.sandboxes = sandboxes
         self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
         self._inflight: dict[str, asyncio.Task[None]] = {}
         self._retry_at: dict[str, float] = {}
 
@@ -32,13 +34,16 @@ class Reaper:
         self._wake.set()
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="stacyvm-reaper")
+        self._tasks = [
+            asyncio.create_task(self._run(), name="stacyvm-reaper"),
+            asyncio.create_task(self._watch(), name="stacyvm-watchdog"),
+        ]
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
+        for task in self._tasks:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+                await task
         if self._inflight:
             await asyncio.gather(*self._inflight.values(), return_exceptions=True)
 
@@ -58,15 +63,33 @@ class Reaper:
         for sb in self.store.expired(utcnow()):
             if sb.id in self._inflight or self._retry_at.get(sb.id, 0) > now:
                 continue
-            self._inflight[sb.id] = asyncio.create_task(self._reap(sb.id))
+            self._inflight[sb.id] = asyncio.create_task(self._end(sb.id, Reason.TTL))
 
-    async def _reap(self, sandbox_id: str) -> None:
+    async def _end(self, sandbox_id: str, reason: Reason) -> None:
         try:
-            await self.sandboxes.terminate(sandbox_id, Reason.TTL)
+            await self.sandboxes.terminate(sandbox_id, reason)
             self._retry_at.pop(sandbox_id, None)
         except Exception as exc:
-            log.warning("TTL destroy of %s failed, retrying in %.0fs: %s", sandbox_id, _RETRY_AFTER, exc)
+            log.warning("destroy (%s) of %s failed, retrying in %.0fs: %s", reason.value, sandbox_id, _RETRY_AFTER, exc)
             self._retry_at[sandbox_id] = time.monotonic() + _RETRY_AFTER
         finally:
             self._inflight.pop(sandbox_id, None)
             self._wake.set()
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(_WATCH_EVERY)
+            for sb in self.store.active_sandboxes():
+                provider = self.sandboxes.providers.get(sb.provider)
+                if sb.state != State.RUNNING or sb.handle is None or provider is None or sb.id in self._inflight:
+                    continue
+                try:
+                    rt = await provider.state(sb.handle)
+                except Exception as exc:
+                    log.warning("state of %s unknown: %s", sb.id, exc)
+                    continue
+                if not rt.alive:
+                    reason = Reason.OOM if rt.reason == "oom" else Reason.CRASHED
+                    log.info("sandbox %s died (%s); cleaning up", sb.id, reason.value)
+                    self._inflight[sb.id] = asyncio.create_task(self._end(sb.id, reason))
+
