@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import re
 import time
 from dataclasses import dataclass
 
@@ -38,6 +39,18 @@ class StreamTiming:
     total_ms: float  # last byte
 
 
+_GO_UNITS = {"h": 3.6e6, "m": 6e4, "s": 1e3, "ms": 1.0, "us": 1e-3, "µs": 1e-3, "ns": 1e-6}
+_GO_PART = re.compile(r"([0-9.]+)(h|ms|m|s|us|µs|ns)")
+
+
+def go_duration_ms(text: str) -> float | None:
+    """'1m2.5s', '12.3ms', '40µs' -> milliseconds; None when it does not parse."""
+    parts = _GO_PART.findall(text or "")
+    if not parts or "".join(n + u for n, u in parts) != text:
+        return None
+    return sum(float(n) * _GO_UNITS[u] for n, u in parts)
+
+
 def _ms(t0: float) -> float:
     return (time.perf_counter() - t0) * 1000.0
 
@@ -66,6 +79,13 @@ class Api:
         data: dict[str, object] = resp.json()
         return data
 
+    async def health_ms(self) -> float:
+        t0 = time.perf_counter()
+        resp = await self.client.get("/health")
+        ms = _ms(t0)
+        _check(resp, "health")
+        return ms
+
     async def create(self, spec: SandboxSpec) -> tuple[str, float]:
         t0 = time.perf_counter()
         resp = await self.client.post("/sandboxes", json=spec.body())
@@ -76,8 +96,11 @@ class Api:
             raise ApiError(f"create: state {data.get('state')!r}, not running")
         return str(data["id"]), ms
 
-    async def exec(self, sid: str, command: str, args: list[str]) -> float:
-        """argv-mode exec, synchronous JSON; raises unless the exit code is 0."""
+    async def exec(self, sid: str, command: str, args: list[str]) -> tuple[float, float | None]:
+        """argv-mode exec, synchronous JSON; raises unless the exit code is 0.
+
+        Returns (round trip ms, the server's own `duration` of the exec in ms).
+        """
         t0 = time.perf_counter()
         resp = await self.client.post(
             f"/sandboxes/{sid}/exec", json={"command": command, "args": args, "mode": "argv"}
@@ -87,7 +110,7 @@ class Api:
         data = resp.json()
         if data.get("exit_code") != 0:
             raise ApiError(f"exec {command}: exit {data.get('exit_code')}: {str(data.get('stderr'))[:200]}")
-        return ms
+        return ms, go_duration_ms(str(data.get("duration", "")))
 
     async def exec_stream(self, sid: str, command: str, args: list[str]) -> StreamTiming:
         t0 = time.perf_counter()

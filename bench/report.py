@@ -11,6 +11,19 @@ from bench.stats import WIDE_FACTOR, Summary, summarize
 TARGETS = (("create", "p50", 60.0), ("exec_true", "p50", 15.0), ("exec_true", "p99", 40.0))
 
 
+# Table order; anything else follows in the order it was measured.
+ORDER = (
+    "create", "create_to_first_exec", "exec_true", "exec_true_server_duration", "exec_python",
+    "exec_python_server_duration", "http_health", "stream_ttfb", "stream_total", "destroy",
+    "crun_create", "crun_start",
+)
+
+
+def _ordered(d: dict[str, Summary]) -> dict[str, Summary]:
+    rank = {n: i for i, n in enumerate(ORDER)}
+    return dict(sorted(d.items(), key=lambda kv: rank.get(kv[0], len(ORDER))))
+
+
 def _ratio(server: Summary, raw: Summary | None) -> float | None:
     if raw is None or not server.p50 or not raw.p50:
         return None
@@ -18,8 +31,8 @@ def _ratio(server: Summary, raw: Summary | None) -> float | None:
 
 
 def build_json(res: Results, head: dict[str, Any]) -> dict[str, Any]:
-    server = {k: summarize(v) for k, v in res.server.items()}
-    raw = {k: summarize(v) for k, v in res.raw.items()}
+    server = _ordered({k: summarize(v) for k, v in res.server.items()})
+    raw = _ordered({k: summarize(v) for k, v in res.raw.items()})
     milestones: dict[str, Any] = {}
     for name, s in server.items():
         entry = s.to_json()

@@ -51,6 +51,9 @@ WHAT: dict[str, tuple[str, str]] = {
     "create_to_first_exec": ("ms", "start of POST /sandboxes -> end of the first exec `true` response"),
     "exec_true": ("ms", "POST /exec {command: true, mode: argv} on a running sandbox -> JSON result, exit 0"),
     "exec_python": ("ms", "POST /exec python3 -c pass (argv) on a running debian-python sandbox -> JSON result"),
+    "exec_true_server_duration": ("ms", "the `duration` the server reports inside those exec_true results"),
+    "exec_python_server_duration": ("ms", "the `duration` the server reports inside those exec_python results"),
+    "http_health": ("ms", "GET /api/v1/health on the same keep-alive client (HTTP floor, no sandbox work)"),
     "stream_ttfb": ("ms", "POST /exec stream=true of `sh -c 'echo first; sleep 0.1; echo second'` -> first body byte"),
     "stream_total": ("ms", "the same streamed exec -> last body byte (includes the 100 ms sleep)"),
     "destroy": ("ms", "DELETE /sandboxes/{id} -> response (container, cgroups, overlay, netns gone)"),
@@ -64,6 +67,9 @@ RAW_WHAT: dict[str, tuple[str, str]] = {
     "create_to_first_exec": ("ms", "raw create above + the first `crun exec` of true"),
     "exec_true": ("ms", "`crun exec --process p.json <id>` running true, stdout/stderr piped, until exit"),
     "exec_python": ("ms", "`crun exec` of python3 -c pass in the debian-python container"),
+    "exec_true_server_duration": ("ms", "the `duration` the server reports inside those exec_true results"),
+    "exec_python_server_duration": ("ms", "the `duration` the server reports inside those exec_python results"),
+    "http_health": ("ms", "GET /api/v1/health on the same keep-alive client (HTTP floor, no sandbox work)"),
     "stream_ttfb": ("ms", "`crun exec` of the same sh command -> first stdout byte on a pipe"),
     "stream_total": ("ms", "the same -> exit"),
     "destroy": ("ms", "`crun delete --force` + unmount the overlay + remove the bundle dir"),
@@ -241,9 +247,13 @@ class Runner:
         if sid is None:
             return
         try:
-            res.s(name).add(await self.api.exec(sid, argv[0], argv[1:]))
+            ms, inner = await self.api.exec(sid, argv[0], argv[1:])
         except FAILURES as exc:
             res.s(name).fail(_err(exc))
+            return
+        res.s(name).add(ms)
+        if inner is not None:
+            res.s(f"{name}_server_duration").add(inner)
 
     def _exec_raw(self, res: Results, cid: str | None, argv: list[str], name: str) -> None:
         if cid is None or self.raw is None:
@@ -252,6 +262,17 @@ class Runner:
             res.r(name).add(self.raw.exec(cid, argv))
         except FAILURES as exc:
             res.r(name).fail(_err(exc))
+
+    async def http_floor(self) -> None:
+        """GET /health: what the HTTP stack and client cost with no sandbox work at all."""
+        p = self.plan
+        log(f"http floor: {p.warmup} warm-up + {p.exec_iterations} GET /health")
+        for i in range(p.warmup + p.exec_iterations):
+            res = self.res if i >= p.warmup else Results()
+            try:
+                res.s("http_health").add(await self.api.health_ms())
+            except FAILURES as exc:
+                res.s("http_health").fail(_err(exc))
 
     async def stream(self) -> None:
         p = self.plan
@@ -489,6 +510,7 @@ class Runner:
         """Every phase after warm_images (which the caller runs first)."""
         try:
             await self.lifecycle()
+            await self.http_floor()
             await self.exec_loop(self.plan.busybox, ["true"], "exec_true", self.plan.exec_iterations)
             await self.exec_loop(self.plan.python, PYTHON_ARGV, "exec_python", self.plan.python_iterations)
             await self.stream()
