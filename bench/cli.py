@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import shlex
 import shutil
 import sys
@@ -143,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         "mode": "quick" if a.quick else "full",
         "started_at": started.strftime("%Y-%m-%dT%H:%M:%SZ"),
         "duration_s": round(time.monotonic() - t0, 1),
+        "load_avg_end": " ".join(f"{x:.2f}" for x in os.getloadavg()),
         "machine": machine.to_json(),
         "plan": plan.__dict__,
         **measured["head"],

@@ -21,6 +21,7 @@ class Snapshot:
     procs_pss: int  # sum of Pss (shared pages divided among their users)
     server_rss: int  # the server process and its children (0 when unknown)
     host_used: int  # MemTotal - MemAvailable
+    host_slab_unreclaimable: int  # kernel objects (netns, mounts, cgroups) are mostly charged here
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -89,15 +90,15 @@ def tree_rss(pid: int | None) -> int:
     return total
 
 
-def host_used() -> int:
+def meminfo() -> dict[str, int]:
     info: dict[str, int] = {}
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             k, _, rest = line.partition(":")
             info[k] = int(rest.split()[0]) * 1024
     except (OSError, ValueError, IndexError):
-        return 0
-    return info.get("MemTotal", 0) - info.get("MemAvailable", 0)
+        pass
+    return info
 
 
 def snapshot(sandbox_ids: Iterable[str], server_pid: int | None) -> Snapshot:
@@ -119,7 +120,9 @@ def snapshot(sandbox_ids: Iterable[str], server_pid: int | None) -> Snapshot:
         procs += len(pids)
         procs_rss += sum(_status_kb(p, "VmRSS") for p in pids)
         procs_pss += sum(_pss(p) for p in pids)
-    return Snapshot(found, usage, rss, cache, procs, procs_rss, procs_pss, tree_rss(server_pid), host_used())
+    info = meminfo()
+    return Snapshot(found, usage, rss, cache, procs, procs_rss, procs_pss, tree_rss(server_pid),
+                    info.get("MemTotal", 0) - info.get("MemAvailable", 0), info.get("SUnreclaim", 0))
 
 
 def leftover_cgroups(sandbox_ids: Iterable[str]) -> list[str]:

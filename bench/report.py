@@ -90,8 +90,36 @@ def _table(rows: dict[str, Any], with_raw: bool) -> list[str]:
     return out
 
 
-def _mib(b: int) -> str:
-    return f"{b / 1024 / 1024:.2f}"
+def _kib(b: int) -> str:
+    return f"{b / 1024:,.0f}"
+
+
+def _breakdown(ms: dict[str, Any], raw: dict[str, Any]) -> list[str]:
+    """Where an exec's time goes, from p50s of this run (differences of medians: approximate)."""
+    def p50(d: dict[str, Any], k: str) -> float | None:
+        return d[k]["p50"] if k in d and d[k]["p50"] is not None else None
+
+    out: list[str] = []
+    for name in ("exec_true", "exec_python"):
+        total, inner, base = p50(ms, name), p50(ms, f"{name}_server_duration"), p50(raw, name)
+        if total is None or inner is None or base is None:
+            continue
+        floor = p50(ms, "http_health") or 0.0
+        out.append(
+            f"- `{name}` p50 {total:.1f} ms = raw crun exec {base:.1f} ms"
+            f" + provider/exec plumbing beyond raw crun {inner - base:.1f} ms (server-reported {inner:.1f} ms)"
+            f" + HTTP and core around it {total - inner:.1f} ms (of which the bare HTTP floor is {floor:.1f} ms)."
+        )
+    if out:
+        out = ["### where the exec time goes (differences of p50s, approximate)", "", *out, ""]
+    return out
+
+
+def _drift(signal: int, drift: int | None) -> str:
+    """A warning when the host moved as much on its own as while our sandboxes were held."""
+    if drift is None or abs(drift) < abs(signal) / 2:
+        return ""
+    return f" (not meaningful: the host drifted {drift / 1024:+,.0f} KiB over the run)"
 
 
 def results_markdown(doc: dict[str, Any]) -> list[str]:
@@ -109,7 +137,8 @@ def results_markdown(doc: dict[str, Any]) -> list[str]:
         "```",
         "",
         f"Machine: {m['cpu_model']}, {m['nproc']} CPUs, {m['memory_gib']} GiB RAM, {m['os']}, kernel {m['kernel']}, "
-        f"{m['crun']}, Python {m['python']}, load average at start {m['load_avg']}. "
+        f"{m['crun']}, Python {m['python']}, load average at start {m['load_avg']}, "
+        f"at end {doc.get('load_avg_end', '?')}. "
         f"Server: {doc['server']['url']} ({'started by the harness' if doc['server']['own'] else 'given with --url'}"
         f", version {doc['server'].get('version', '?')}). Raw bundle: {doc['raw'].get('bundle', 'not run')}. "
         f"Raw rootfs: {doc['raw'].get('rootfs_source', 'not run')}.",
@@ -140,17 +169,22 @@ def results_markdown(doc: dict[str, Any]) -> list[str]:
             f"### density: {d['held']} of {d['requested']} idle sandboxes held "
             f"({d['procs_per_sandbox']} processes each; leftover cgroups after destroy: {len(d['leftover_cgroups'])})",
             "",
-            "| per idle sandbox | MiB |",
+            "| per idle sandbox | KiB |",
             "|---|--:|",
-            f"| cgroup `memory.usage_in_bytes` (rss + page cache + kernel memory) | {_mib(per['cgroup_usage'])} |",
-            f"| cgroup `total_rss` (anonymous memory) | {_mib(per['cgroup_rss'])} |",
-            f"| cgroup `total_cache` (page cache charged to the sandbox) | {_mib(per['cgroup_cache'])} |",
-            f"| sum of VmRSS of the sandbox's processes | {_mib(per['procs_rss'])} |",
-            f"| sum of Pss of the sandbox's processes | {_mib(per['procs_pss'])} |",
-            f"| growth of the server process tree's RSS / N | {_mib(per['server_rss_delta'])} |",
-            f"| growth of host MemTotal - MemAvailable / N (noisy: whole host) | {_mib(per['host_used_delta'])} |",
+            f"| cgroup `memory.usage_in_bytes` (rss + page cache + kernel memory) | {_kib(per['cgroup_usage'])} |",
+            f"| cgroup `total_rss` (anonymous memory) | {_kib(per['cgroup_rss'])} |",
+            f"| cgroup `total_cache` (page cache charged to the sandbox) | {_kib(per['cgroup_cache'])} |",
+            f"| sum of VmRSS of the sandbox's processes | {_kib(per['procs_rss'])} |",
+            f"| sum of Pss of the sandbox's processes | {_kib(per['procs_pss'])} |",
+            f"| growth of the server process tree's RSS / N | {_kib(per['server_rss_delta'])} |",
+            f"| growth of host MemTotal - MemAvailable / N (whole host) | {_kib(per['host_used_delta'])}"
+            f"{_drift(per['host_used_delta'] * d['held'], d.get('host_used_drift'))} |",
+            f"| growth of host unreclaimable slab (SUnreclaim) / N (kernel objects; whole host) | "
+            f"{_kib(per['host_slab_unreclaimable_delta'])}"
+            f"{_drift(per['host_slab_unreclaimable_delta'] * d['held'], d.get('host_slab_drift'))} |",
             "",
         ]
+    out += _breakdown(ms, raw)
     out += ["### issue 3 targets (native, image cached)", "", "| target | measured | met |", "|---|--:|---|"]
     for t in doc["targets"]:
         v = "-" if t["value_ms"] is None else f"{t['value_ms']:.1f} ms"

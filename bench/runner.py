@@ -8,6 +8,7 @@ iterations run the same code and are thrown away.
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import os
 import time
@@ -452,6 +453,7 @@ class Runner:
         log(f"density: holding {n} idle busybox sandboxes")
         series = self.res.s("density_create")
         series.what = f"POST /sandboxes while 0..{n - 1} other sandboxes of this run are alive"
+        gc.collect()  # our own garbage must not move the host numbers
         before = memory.snapshot([], self.server_pid)
         ids: list[str] = []
         for _ in range(n):
@@ -482,8 +484,14 @@ class Runner:
                 "procs_pss": after.procs_pss // held,
                 "server_rss_delta": (after.server_rss - before.server_rss) // held,
                 "host_used_delta": (after.host_used - before.host_used) // held,
+                "host_slab_unreclaimable_delta": (after.host_slab_unreclaimable - before.host_slab_unreclaimable)
+                // held,
             },
             "procs_per_sandbox": round(after.procs / held, 2),
+            # Whole-host drift over the run (after destroy vs before): when it is as large as the
+            # held-minus-before signal, the host columns say nothing about the sandboxes.
+            "host_used_drift": gone.host_used - before.host_used,
+            "host_slab_drift": gone.host_slab_unreclaimable - before.host_slab_unreclaimable,
         }
 
     # ------------------------------------------------------------------ cleanup
@@ -515,8 +523,8 @@ class Runner:
             await self.exec_loop(self.plan.python, PYTHON_ARGV, "exec_python", self.plan.python_iterations)
             await self.stream()
             await self.bursts()
+            await self.density()  # before files: their 100 MB buffers would blur the host numbers
             await self.files()
-            await self.density()
         finally:
             await self.cleanup()
         return self.res
