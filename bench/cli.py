@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import shlex
@@ -18,9 +19,9 @@ from typing import Any
 from bench import server as own_server
 from bench.api import Api
 from bench.machine import describe
-from bench.raw import RawCrun, RawError, server_rootfs, umoci_rootfs
+from bench.raw import RawCrun, RawError, server_rootfs, uid_shift, umoci_rootfs
 from bench.report import build_json, results_markdown, write_markdown
-from bench.runner import Plan, Runner, log
+from bench.runner import Plan, Results, Runner, log
 
 REPO = Path(__file__).resolve().parents[1]
 TEMPLATE = Path(__file__).with_name("benchmarks_template.md")
@@ -28,13 +29,15 @@ BUSYBOX = "127.0.0.1:5000/stacyvm/busybox:1.35"
 PYTHON = "127.0.0.1:5000/stacyvm/debian-python:3.11"
 # OCI layouts kept by scripts/build-test-images.sh: the raw side's fallback source.
 OCI_CACHE = Path("/var/cache/stacyvm/oci")
-PROVIDERS = ("native",)
+# Provider label -> the native provider's OCI runtime. Other providers are not driven yet.
+PROVIDERS = {"native": "crun", "native-runsc": "runsc"}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     p.add_argument("--quick", action="store_true", help="fewer samples: under a minute, for use before a commit")
-    p.add_argument("--providers", default="native", help="comma-separated; this harness measures: native")
+    p.add_argument("--providers", default="native",
+                   help="comma-separated: native (crun), native-runsc (gVisor, ptrace); --url takes one")
     p.add_argument("--url", help="a running server (default: start one in a temp dir)")
     p.add_argument("--api-key", help="API key for --url")
     p.add_argument("--data-dir", type=Path, help="data_dir of the --url server (to reuse its unpacked images)")
@@ -72,37 +75,55 @@ def make_plan(a: argparse.Namespace) -> Plan:
     )
 
 
-def raw_rootfs(images: list[str], data_dir: Path | None, work: Path) -> tuple[dict[str, Path], str]:
+def raw_rootfs(images: list[str], data_dir: Path | None, work: Path, shift: int) -> tuple[dict[str, Path], str]:
     """The server's own unpacked rootfs when we can see it, else our umoci unpack of the same image."""
-    found = {ref: server_rootfs(data_dir, ref) for ref in images} if data_dir else {}
+    found = {ref: server_rootfs(data_dir, ref, shift) for ref in images} if data_dir else {}
     if all(found.get(ref) for ref in images):
         return {ref: p for ref, p in found.items() if p}, "the server's unpacked image cache (same files)"
     out: dict[str, Path] = {}
     for ref in images:
         name, _, tag = ref.rsplit("/", 1)[-1].partition(":")
-        out[ref] = umoci_rootfs(OCI_CACHE / name, tag or "latest", work)
+        out[ref] = umoci_rootfs(OCI_CACHE / name, tag or "latest", work, shift)
     return out, f"umoci unpack of {OCI_CACHE}/<name> (the layouts pushed to the registry)"
 
 
-async def measure(a: argparse.Namespace, plan: Plan, work: Path) -> dict[str, Any]:
+def provider_plan(plan: Plan, runtime: str) -> Plan:
+    """runsc deletes take about 1.6 s and each sandbox runs a Sentry: fewer samples, smaller bursts."""
+    if runtime != "runsc":
+        return plan
+    return dataclasses.replace(
+        plan,
+        iterations=min(plan.iterations, 10),
+        exec_iterations=min(plan.exec_iterations, 60),
+        python_iterations=min(plan.python_iterations, 15),
+        bursts=[b for b in plan.bursts if b <= 10] or [min(plan.bursts, default=10)],
+        file_reps=1,
+        density=min(plan.density, 5),
+    )
+
+
+async def measure(a: argparse.Namespace, label: str, plan: Plan, work: Path) -> tuple[Results, dict[str, Any]]:
+    """All milestones for one provider: its own server (or --url) and its raw runtime."""
+    runtime = PROVIDERS[label]
     own = None
     url, data_dir, server_pid = a.url, a.data_dir, None
     if not url:
-        log("starting a server of our own")
-        own = own_server.start(work / "server", plan.busybox)
+        log(f"{label}: starting a server of our own (native.runtime {runtime})")
+        own = own_server.start(work / "server", plan.busybox, runtime)
         url, data_dir, server_pid = own.url, own.data_dir, own.proc.pid
     api = Api(url, a.api_key, max_connections=max([64, *plan.bursts]))
     raw: RawCrun | None = None
-    head: dict[str, Any] = {"server": {"url": url, "own": own is not None}, "raw": {}}
+    info: dict[str, Any] = {"runtime": runtime, "baseline": f"raw_{runtime}", "plan": dataclasses.asdict(plan),
+                            "server": {"url": url, "own": own is not None}, "raw": {}}
     try:
-        head["server"]["version"] = (await api.health()).get("version")
+        info["server"]["version"] = (await api.health()).get("version")
         runner = Runner(api, None, plan, {}, server_pid)
         await runner.warm_images()  # the server pulls/unpacks; the raw side may then reuse its rootfs
         if plan.raw:
-            rootfs, source = raw_rootfs([plan.busybox, plan.python], data_dir, work)
-            raw = RawCrun(work / "raw")
+            rootfs, source = raw_rootfs([plan.busybox, plan.python], data_dir, work, uid_shift(runtime))
+            raw = RawCrun(work / "raw", kind=runtime)
             runner.raw, runner.rootfs = raw, rootfs
-            head["raw"] = {"bundle": raw.bundle_source, "rootfs_source": source,
+            info["raw"] = {"bundle": raw.bundle_source, "rootfs_source": source,
                            "rootfs": {k: str(v) for k, v in rootfs.items()}}
         results = await runner.run_all()
     finally:
@@ -111,8 +132,8 @@ async def measure(a: argparse.Namespace, plan: Plan, work: Path) -> dict[str, An
             raw.cleanup()
         if own is not None:
             own_server.stop(own)
-            head["server"]["log_tail"] = own.log_tail(15)
-    return {"head": head, "results": results}
+            info["server"]["log_tail"] = own.log_tail(15)
+    return results, info
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,23 +143,29 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"bench: providers not measured by this harness yet: {', '.join(unknown)}", file=sys.stderr)
         return 2
-    if a.url is None and shutil.which("crun") is None:
-        print("bench: crun is not installed", file=sys.stderr)
+    if a.url is not None and len(wanted) != 1:
+        print("bench: --url measures one server: give exactly one provider", file=sys.stderr)
+        return 2
+    missing = [PROVIDERS[p] for p in wanted if shutil.which(PROVIDERS[p]) is None]
+    if missing:
+        print(f"bench: not installed: {', '.join(missing)}", file=sys.stderr)
         return 2
     plan = make_plan(a)
     command = "python -m bench " + " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))
     started = datetime.now(UTC)
     t0 = time.monotonic()
     machine = describe(REPO)
-    work = Path(tempfile.mkdtemp(prefix="stacyvm-bench-"))
-    work.chmod(0o711)  # sandbox roots (host uid 100000) must traverse to their bundles
-    try:
-        measured = asyncio.run(measure(a, plan, work))
-    except (own_server.ServerError, RawError) as exc:
-        print(f"bench: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    measured: dict[str, tuple[Results, dict[str, Any]]] = {}
+    for label in wanted:
+        work = Path(tempfile.mkdtemp(prefix=f"stacyvm-bench-{label}-"))
+        work.chmod(0o711)  # sandbox roots (host uid 100000) must traverse to their bundles
+        try:
+            measured[label] = asyncio.run(measure(a, label, provider_plan(plan, PROVIDERS[label]), work))
+        except (own_server.ServerError, RawError) as exc:
+            print(f"bench: {label}: {exc}", file=sys.stderr)
+            return 1
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
     head = {
         "command": command.strip(),
         "mode": "quick" if a.quick else "full",
@@ -146,10 +173,8 @@ def main(argv: list[str] | None = None) -> int:
         "duration_s": round(time.monotonic() - t0, 1),
         "load_avg_end": " ".join(f"{x:.2f}" for x in os.getloadavg()),
         "machine": machine.to_json(),
-        "plan": plan.__dict__,
-        **measured["head"],
     }
-    doc = build_json(measured["results"], head)
+    doc = build_json(measured, head)
     print("\n".join(results_markdown(doc)))
     if a.json_out:
         a.json_out.parent.mkdir(parents=True, exist_ok=True)

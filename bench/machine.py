@@ -19,6 +19,7 @@ class Machine:
     kernel: str
     os: str
     crun: str
+    runsc: str
     python: str
     load_avg: str
     git_commit: str
@@ -84,6 +85,7 @@ def describe(repo: Path) -> Machine:
         kernel=platform.release(),
         os=_os_name(),
         crun=_first(["crun", "--version"]),
+        runsc=_first(["runsc", "--version"]),
         python=platform.python_version(),
         load_avg=" ".join(f"{x:.2f}" for x in os.getloadavg()),
         git_commit=_git_commit(repo),

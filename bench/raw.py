@@ -95,21 +95,30 @@ def _fallback_config(cid: str, rootfs: Path, memory_mb: int, vcpus: int, pids: i
     }
 
 
-def bundle_config(cid: str, rootfs: Path, memory_mb: int, vcpus: int, pids: int) -> tuple[dict[str, Any], str]:
+def uid_shift(kind: str) -> int:
+    """The provider runs runsc without a user namespace (its Debian build cannot start with one)."""
+    return 0 if kind == "runsc" else UID_SHIFT
+
+
+def bundle_config(
+    cid: str, rootfs: Path, memory_mb: int, vcpus: int, pids: int, kind: str = "crun"
+) -> tuple[dict[str, Any], str]:
     """(config.json, where it came from)."""
     try:
         from stacyvm_server.providers.native import bundle as nb
 
+        userns = {"user_namespace": False} if kind == "runsc" else {}
         params = nb.BundleParams(
             sandbox_id=cid, rootfs=str(rootfs), netns_path="", cgroups_path=f"/{CGROUP_PARENT}/{cid}",
-            memory_mb=memory_mb, vcpus=vcpus, pids_limit=pids, env=[PATH_ENV],
+            memory_mb=memory_mb, vcpus=vcpus, pids_limit=pids, env=[PATH_ENV], **userns,
         )
         cfg = nb.build_config(params)
         # A fresh, empty netns made by crun instead of one the provider prepared.
         cfg["linux"]["namespaces"] = [
             {"type": "network"} if ns.get("type") == "network" else ns for ns in cfg["linux"]["namespaces"]
         ]
-        return cfg, "stacyvm_server.providers.native.bundle.build_config (netns: fresh, made by crun)"
+        made_by = "crun" if kind == "crun" else f"{kind} (--network=host inside it)"
+        return cfg, f"stacyvm_server.providers.native.bundle.build_config (netns: fresh, made by {made_by})"
     except Exception as exc:  # the provider is being written concurrently; never let that stop the baseline
         return _fallback_config(cid, rootfs, memory_mb, vcpus, pids), f"bench fallback, no seccomp ({exc!r})"
 
@@ -134,10 +143,16 @@ class UpTiming:
 
 
 class RawCrun:
-    """crun with its own --root under a temp dir; one instance per benchmark run."""
+    """An OCI runtime (crun, or runsc with ptrace) with its own --root under a temp dir.
 
-    def __init__(self, work: Path, crun: str = "crun", memory_mb: int = 256, vcpus: int = 1, pids: int = 256) -> None:
-        self.crun = shutil.which(crun) or crun
+    One instance per benchmark run and runtime. runsc gets the flags the provider
+    gives it (`--platform=ptrace --network=host`, host-notes §4b); with our fresh
+    netns, "host" means that empty namespace.
+    """
+
+    def __init__(self, work: Path, kind: str = "crun", memory_mb: int = 256, vcpus: int = 1, pids: int = 256) -> None:
+        self.kind = kind
+        self.crun = shutil.which(kind) or kind
         self.work = work
         self.state = work / "crun-root"
         self.state.mkdir(parents=True, exist_ok=True)
@@ -149,28 +164,30 @@ class RawCrun:
         self.memory_mb, self.vcpus, self.pids = memory_mb, vcpus, pids
         self._seq = 0
         # Import (and describe) the bundle generator now, not inside the first timed create.
-        _, self.bundle_source = bundle_config("warmup", work / "none", memory_mb, vcpus, pids)
+        _, self.bundle_source = bundle_config("warmup", work / "none", memory_mb, vcpus, pids, kind)
 
     def _argv(self, *args: str) -> list[str]:
-        return [self.crun, "--root", str(self.state), *args]
+        extra = ["--platform=ptrace", "--network=host"] if self.kind == "runsc" else []
+        return [self.crun, "--root", str(self.state), *extra, *args]
 
     def _run(self, *args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
         res = subprocess.run(self._argv(*args), input=stdin, capture_output=True, timeout=TIMEOUT, check=False)
         if res.returncode != 0:
-            raise RawError(f"crun {args[0]} rc {res.returncode}: {(res.stderr or res.stdout)[-300:]!r}")
+            raise RawError(f"{self.kind} {args[0]} rc {res.returncode}: {(res.stderr or res.stdout)[-300:]!r}")
         return res
 
     def up(self, rootfs: Path) -> tuple[str, UpTiming]:
         self._seq += 1
-        cid = f"bench-{os.getpid()}-{self._seq}"
+        cid = f"bench-{self.kind}-{os.getpid()}-{self._seq}"
         t0 = time.perf_counter()
         b = self.work / cid
         upper, workdir, merged = b / "upper", b / "work", b / "rootfs"
         for d in (upper, workdir, merged):
             d.mkdir(parents=True)
-        os.chown(upper, UID_SHIFT, UID_SHIFT)
+        shift = uid_shift(self.kind)
+        os.chown(upper, shift, shift)
         _mount_overlay(rootfs, upper, workdir, merged)
-        cfg, self.bundle_source = bundle_config(cid, merged, self.memory_mb, self.vcpus, self.pids)
+        cfg, self.bundle_source = bundle_config(cid, merged, self.memory_mb, self.vcpus, self.pids, self.kind)
         (b / "config.json").write_text(json.dumps(cfg))
         mount_ms = _ms(t0)
         t1 = time.perf_counter()
@@ -184,7 +201,7 @@ class RawCrun:
         if rc != 0:
             detail = (b / "init.log").read_bytes()[-300:]
             self._down_quietly(cid)
-            raise RawError(f"crun create rc {rc}: {detail!r}")
+            raise RawError(f"{self.kind} create rc {rc}: {detail!r}")
         t2 = time.perf_counter()
         try:
             self._run("start", cid)
@@ -220,7 +237,7 @@ class RawCrun:
         proc.stdout.read()
         rc = proc.wait(TIMEOUT)
         if rc != 0 or not first:
-            raise RawError(f"crun exec (stream) rc {rc}")
+            raise RawError(f"{self.kind} exec (stream) rc {rc}")
         return ttfb, _ms(t0)
 
     def pipe_in(self, cid: str, path: str, data: bytes) -> float:
@@ -240,9 +257,10 @@ class RawCrun:
         """crun delete --force, unmount the overlay, remove the bundle."""
         t0 = time.perf_counter()
         errors: list[str] = []
-        res = subprocess.run(self._argv("delete", "--force", cid), capture_output=True, timeout=TIMEOUT, check=False)
-        if res.returncode != 0 and b"does not exist" not in res.stderr:
-            errors.append(f"crun delete rc {res.returncode}: {res.stderr[-200:]!r}")
+        force = "-force" if self.kind == "runsc" else "--force"
+        res = subprocess.run(self._argv("delete", force, cid), capture_output=True, timeout=TIMEOUT, check=False)
+        if res.returncode != 0 and b"does not exist" not in res.stderr and b"not found" not in res.stderr:
+            errors.append(f"{self.kind} delete rc {res.returncode}: {res.stderr[-200:]!r}")
         b = self.work / cid
         merged = b / "rootfs"
         if os.path.ismount(merged):
@@ -264,7 +282,8 @@ class RawCrun:
 
     def cleanup(self) -> None:
         """Delete anything still known to our crun root, then the cgroup parents."""
-        res = subprocess.run(self._argv("list", "-q"), capture_output=True, text=True, timeout=TIMEOUT, check=False)
+        quiet = "-quiet" if self.kind == "runsc" else "-q"
+        res = subprocess.run(self._argv("list", quiet), capture_output=True, text=True, timeout=TIMEOUT, check=False)
         for cid in res.stdout.split():
             self._down_quietly(cid)
         for ctrl in CGROUP_ROOT.iterdir():
@@ -276,24 +295,25 @@ class RawCrun:
                     pass
 
 
-def server_rootfs(data_dir: Path, ref: str) -> Path | None:
+def server_rootfs(data_dir: Path, ref: str, shift: int) -> Path | None:
     """The rootfs the server unpacked for `ref` (images/refs.json), id-shifted like the sandboxes'."""
     refs = data_dir / "images" / "refs.json"
     try:
         digest = json.loads(refs.read_text())["refs"][ref]["digest"]
     except (OSError, KeyError, ValueError):
         return None
-    path = data_dir / "images" / "rootfs" / f"{digest.split(':', 1)[1]}-{UID_SHIFT}"
+    path = data_dir / "images" / "rootfs" / f"{digest.split(':', 1)[1]}-{shift}"
     return path if path.is_dir() else None
 
 
-def umoci_rootfs(layout: Path, tag: str, dest_parent: Path) -> Path:
+def umoci_rootfs(layout: Path, tag: str, dest_parent: Path, shift: int = UID_SHIFT) -> Path:
     """Unpack an OCI layout ourselves, with the same id shift the provider uses."""
     dest = Path(tempfile.mkdtemp(prefix="rootfs-", dir=dest_parent))
     dest.rmdir()  # umoci wants to create it
-    shift = f"0:{UID_SHIFT}:{UID_RANGE}"
+    idmap = f"0:{shift}:{UID_RANGE}"
+    maps = ["--uid-map", idmap, "--gid-map", idmap] if shift else []
     res = subprocess.run(
-        ["umoci", "unpack", "--uid-map", shift, "--gid-map", shift, "--image", f"{layout}:{tag}", str(dest)],
+        ["umoci", "unpack", *maps, "--image", f"{layout}:{tag}", str(dest)],
         capture_output=True, text=True, timeout=600, check=False,
     )
     if res.returncode != 0:

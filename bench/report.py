@@ -30,31 +30,31 @@ def _ratio(server: Summary, raw: Summary | None) -> float | None:
     return round(server.p50 / raw.p50, 2)
 
 
-def build_json(res: Results, head: dict[str, Any]) -> dict[str, Any]:
-    server = _ordered({k: summarize(v) for k, v in res.server.items()})
-    raw = _ordered({k: summarize(v) for k, v in res.raw.items()})
-    milestones: dict[str, Any] = {}
-    for name, s in server.items():
-        entry = s.to_json()
-        base = raw.get(name)
-        entry["raw_p50"] = base.p50 if base else None
-        entry["ratio_p50"] = _ratio(s, base)
-        milestones[name] = entry
+def build_json(measured: dict[str, tuple[Results, dict[str, Any]]], head: dict[str, Any]) -> dict[str, Any]:
+    providers: dict[str, Any] = {}
+    baselines: dict[str, Any] = {}
+    errors = 0
+    for label, (res, info) in measured.items():
+        server = _ordered({k: summarize(v) for k, v in res.server.items()})
+        raw = _ordered({k: summarize(v) for k, v in res.raw.items()})
+        milestones: dict[str, Any] = {}
+        for name, s in server.items():
+            entry = s.to_json()
+            base = raw.get(name)
+            entry["raw_p50"] = base.p50 if base else None
+            entry["ratio_p50"] = _ratio(s, base)
+            milestones[name] = entry
+        providers[label] = {**info, "milestones": milestones, "extras": res.extras}
+        baselines[info["baseline"]] = {**info["raw"], "milestones": {k: v.to_json() for k, v in raw.items()}}
+        errors += sum(s.errors for s in server.values()) + sum(s.errors for s in raw.values())
     targets = []
+    native = providers.get("native", {}).get("milestones", {})
     for name, stat, limit in TARGETS:
-        found = server.get(name)
-        value = getattr(found, stat) if found else None
-        targets.append({"milestone": name, "stat": stat, "limit_ms": limit, "value_ms": value,
-                        "met": value is not None and value <= limit})
-    errors = sum(s.errors for s in server.values()) + sum(s.errors for s in raw.values())
-    return {
-        "schema": 1,
-        **head,
-        "providers": {"native": {"milestones": milestones, "extras": res.extras}},
-        "baselines": {"raw_crun": {"milestones": {k: v.to_json() for k, v in raw.items()}}},
-        "errors_total": errors,
-        "targets": targets,
-    }
+        value = native.get(name, {}).get(stat)
+        targets.append({"provider": "native", "milestone": name, "stat": stat, "limit_ms": limit,
+                        "value_ms": value, "met": value is not None and value <= limit})
+    return {"schema": 1, **head, "providers": providers, "baselines": baselines, "errors_total": errors,
+            "targets": targets}
 
 
 # ---------------------------------------------------------------------------- markdown
@@ -94,7 +94,7 @@ def _kib(b: int) -> str:
     return f"{b / 1024:,.0f}"
 
 
-def _breakdown(ms: dict[str, Any], raw: dict[str, Any]) -> list[str]:
+def _breakdown(ms: dict[str, Any], raw: dict[str, Any], runtime: str) -> list[str]:
     """Where an exec's time goes, from p50s of this run (differences of medians: approximate)."""
     def p50(d: dict[str, Any], k: str) -> float | None:
         return d[k]["p50"] if k in d and d[k]["p50"] is not None else None
@@ -106,12 +106,12 @@ def _breakdown(ms: dict[str, Any], raw: dict[str, Any]) -> list[str]:
             continue
         floor = p50(ms, "http_health") or 0.0
         out.append(
-            f"- `{name}` p50 {total:.1f} ms = raw crun exec {base:.1f} ms"
-            f" + provider/exec plumbing beyond raw crun {inner - base:.1f} ms (server-reported {inner:.1f} ms)"
+            f"- `{name}` p50 {total:.1f} ms = raw {runtime} exec {base:.1f} ms"
+            f" + provider/exec plumbing beyond raw {runtime} {inner - base:.1f} ms (server-reported {inner:.1f} ms)"
             f" + HTTP and core around it {total - inner:.1f} ms (of which the bare HTTP floor is {floor:.1f} ms)."
         )
     if out:
-        out = ["### where the exec time goes (differences of p50s, approximate)", "", *out, ""]
+        out = ["Where the exec time goes (differences of p50s, approximate):", "", *out, ""]
     return out
 
 
@@ -124,10 +124,6 @@ def _drift(signal: int, drift: int | None) -> str:
 
 def results_markdown(doc: dict[str, Any]) -> list[str]:
     m = doc["machine"]
-    native = doc["providers"]["native"]
-    ms = native["milestones"]
-    raw = doc["baselines"]["raw_crun"]["milestones"]
-    ex = native["extras"]
     out = [
         f"Run of {doc['started_at']} ({doc['duration_s']:.0f} s), mode `{doc['mode']}`, "
         f"commit {m['git_commit']}.",
@@ -137,27 +133,48 @@ def results_markdown(doc: dict[str, Any]) -> list[str]:
         "```",
         "",
         f"Machine: {m['cpu_model']}, {m['nproc']} CPUs, {m['memory_gib']} GiB RAM, {m['os']}, kernel {m['kernel']}, "
-        f"{m['crun']}, Python {m['python']}, load average at start {m['load_avg']}, "
-        f"at end {doc.get('load_avg_end', '?')}. "
-        f"Server: {doc['server']['url']} ({'started by the harness' if doc['server']['own'] else 'given with --url'}"
-        f", version {doc['server'].get('version', '?')}). Raw bundle: {doc['raw'].get('bundle', 'not run')}. "
-        f"Raw rootfs: {doc['raw'].get('rootfs_source', 'not run')}.",
+        f"{m['crun']}, {m.get('runsc', 'runsc ?')}, Python {m['python']}, load average at start {m['load_avg']}, "
+        f"at end {doc.get('load_avg_end', '?')}.",
         "",
-        f"Failed operations in this run: **{doc['errors_total']}**.",
+        f"Failed operations in this run, all providers and baselines: **{doc['errors_total']}**.",
         "",
-        "### native provider (crun) through HTTP, beside raw crun",
+    ]
+    for label, prov in doc["providers"].items():
+        out += _provider_markdown(label, prov, doc["baselines"].get(prov["baseline"], {}))
+    if doc["targets"] and "native" in doc["providers"]:
+        out += ["### issue 3 targets (native with crun, image cached)", "",
+                "| target | measured | met |", "|---|--:|---|"]
+        for t in doc["targets"]:
+            v = "-" if t["value_ms"] is None else f"{t['value_ms']:.1f} ms"
+            met = "yes" if t["met"] else "**no**"
+            out.append(f"| {t['milestone']} {t['stat']} <= {t['limit_ms']:.0f} ms | {v} | {met} |")
+        out.append("")
+    return out
+
+
+def _provider_markdown(label: str, prov: dict[str, Any], base: dict[str, Any]) -> list[str]:
+    ms = prov["milestones"]
+    raw = base.get("milestones", {})
+    ex = prov["extras"]
+    rt = prov["runtime"]
+    srv = prov["server"]
+    out = [
+        f"### {label}: native provider with {rt}, through HTTP, beside raw {rt}",
+        "",
+        f"Server: {srv['url']} ({'started by the harness' if srv['own'] else 'given with --url'}, "
+        f"version {srv.get('version', '?')}). Raw bundle: {base.get('bundle', 'not run')}. "
+        f"Raw rootfs: {base.get('rootfs_source', 'not run')}.",
         "",
         *_table(ms, with_raw=True),
         "",
-        "### raw crun baseline (same run, interleaved)",
+        f"Raw {rt} baseline (same run, interleaved):",
         "",
         *_table(raw, with_raw=False),
         "",
     ]
     bursts = [k for k in ms if k.startswith("burst_")]
     if bursts:
-        out += ["### bursts", "", "| burst | server wall (ms) | server destroy-all wall (ms) | raw wall (ms) |",
-                "|---|--:|--:|--:|"]
+        out += ["| burst | server wall (ms) | server destroy-all wall (ms) | raw wall (ms) |", "|---|--:|--:|--:|"]
         for k in bursts:
             out.append(f"| {k.removeprefix('burst_')} concurrent creates | {ex.get(k + '_wall_ms', '-')} | "
                        f"{ex.get(k + '_destroy_wall_ms', '-')} | {ex.get('raw_' + k + '_wall_ms', '-')} |")
@@ -166,8 +183,9 @@ def results_markdown(doc: dict[str, Any]) -> list[str]:
     if d:
         per = d["per_sandbox_bytes"]
         out += [
-            f"### density: {d['held']} of {d['requested']} idle sandboxes held "
-            f"({d['procs_per_sandbox']} processes each; leftover cgroups after destroy: {len(d['leftover_cgroups'])})",
+            f"Density: {d['held']} of {d['requested']} idle sandboxes held "
+            f"({d['procs_per_sandbox']} host processes each; leftover cgroups after destroy: "
+            f"{len(d['leftover_cgroups'])}).",
             "",
             "| per idle sandbox | KiB |",
             "|---|--:|",
@@ -184,13 +202,7 @@ def results_markdown(doc: dict[str, Any]) -> list[str]:
             f"{_drift(per['host_slab_unreclaimable_delta'] * d['held'], d.get('host_slab_drift'))} |",
             "",
         ]
-    out += _breakdown(ms, raw)
-    out += ["### issue 3 targets (native, image cached)", "", "| target | measured | met |", "|---|--:|---|"]
-    for t in doc["targets"]:
-        v = "-" if t["value_ms"] is None else f"{t['value_ms']:.1f} ms"
-        met = "yes" if t["met"] else "**no**"
-        out.append(f"| {t['milestone']} {t['stat']} <= {t['limit_ms']:.0f} ms | {v} | {met} |")
-    out.append("")
+    out += _breakdown(ms, raw, rt)
     if ex.get("file_mb"):
         out.append(f"File milestone: {ex['file_mb']} MB (10^6 bytes) of random data, "
                    f"{ex.get('file_requests_per_write', 1)} request(s) per write.")

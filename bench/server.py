@@ -48,7 +48,7 @@ def _free_port() -> int:
         return port
 
 
-def write_config(root: Path, port: int, image: str) -> Path:
+def write_config(root: Path, port: int, image: str, runtime: str) -> Path:
     cfg = {
         "server": {
             "host": "127.0.0.1",
@@ -60,16 +60,17 @@ def write_config(root: Path, port: int, image: str) -> Path:
         },
         "defaults": {"provider": "native", "image": image, "ttl": "30m"},
         "images": {"registries": {REGISTRY: {"insecure": True}}},
+        "native": {"runtime": runtime},
     }
     path = root / "stacyvm.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
 
 
-def start(root: Path, image: str) -> OwnServer:
+def start(root: Path, image: str, runtime: str = "crun") -> OwnServer:
     root.mkdir(parents=True, exist_ok=True)
     port = _free_port()
-    cfg = write_config(root, port, image)
+    cfg = write_config(root, port, image, runtime)
     log_path = root / "server.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("STACYVM_")}
     env["PYTHONUNBUFFERED"] = "1"
