@@ -269,6 +269,7 @@ class RawCrun:
             except RawError as exc:
                 errors.append(str(exc))
         shutil.rmtree(b, ignore_errors=True)
+        _remove_cgroups(cid)  # runsc leaves them behind after a failed create; the provider removes them too
         ms = _ms(t0)
         if errors:
             raise RawError("; ".join(errors))
@@ -286,6 +287,8 @@ class RawCrun:
         res = subprocess.run(self._argv("list", quiet), capture_output=True, text=True, timeout=TIMEOUT, check=False)
         for cid in res.stdout.split():
             self._down_quietly(cid)
+        for cid in [p.name for p in (CGROUP_ROOT / "memory" / CGROUP_PARENT).glob(f"bench-{self.kind}-{os.getpid()}-*")]:
+            _remove_cgroups(cid)
         for ctrl in CGROUP_ROOT.iterdir():
             parent = ctrl / CGROUP_PARENT
             if parent.is_dir():
@@ -293,6 +296,16 @@ class RawCrun:
                     parent.rmdir()
                 except OSError:
                     pass
+
+
+def _remove_cgroups(cid: str) -> None:
+    for ctrl in CGROUP_ROOT.iterdir():
+        d = ctrl / CGROUP_PARENT / cid
+        if d.is_dir():
+            try:
+                d.rmdir()
+            except OSError:
+                pass
 
 
 def server_rootfs(data_dir: Path, ref: str, shift: int) -> Path | None:

@@ -15,7 +15,7 @@ TARGETS = (("create", "p50", 60.0), ("exec_true", "p50", 15.0), ("exec_true", "p
 ORDER = (
     "create", "create_to_first_exec", "exec_true", "exec_true_server_duration", "exec_python",
     "exec_python_server_duration", "http_health", "stream_ttfb", "stream_total", "destroy",
-    "crun_create", "crun_start",
+    "runtime_create", "runtime_start",
 )
 
 

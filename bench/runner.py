@@ -63,8 +63,8 @@ WHAT: dict[str, tuple[str, str]] = {
 }
 RAW_WHAT: dict[str, tuple[str, str]] = {
     "create": ("ms", "overlay mount + config.json + `crun create` + `crun start` (tini, busybox sleep)"),
-    "crun_create": ("ms", "`crun create` alone"),
-    "crun_start": ("ms", "`crun start` alone"),
+    "runtime_create": ("ms", "`crun create` (or `runsc create`) alone"),
+    "runtime_start": ("ms", "`crun start` (or `runsc start`) alone"),
     "create_to_first_exec": ("ms", "raw create above + the first `crun exec` of true"),
     "exec_true": ("ms", "`crun exec --process p.json <id>` running true, stdout/stderr piped, until exit"),
     "exec_python": ("ms", "`crun exec` of python3 -c pass in the debian-python container"),
@@ -201,8 +201,8 @@ class Runner:
             res.r("create_to_first_exec").fail("create failed")
             return
         res.r("create").add(total)
-        res.r("crun_create").add(c_ms)
-        res.r("crun_start").add(s_ms)
+        res.r("runtime_create").add(c_ms)
+        res.r("runtime_start").add(s_ms)
         try:
             res.r("create_to_first_exec").add(total + self.raw.exec(cid, ["true"]))
         except FAILURES as exc:

@@ -22,7 +22,7 @@ SERVER_MILESTONES = (
     "stream_ttfb", "stream_total", "destroy", "burst_10", "file_write", "file_read", "density_create",
 )
 RAW_MILESTONES = (
-    "create", "crun_create", "crun_start", "create_to_first_exec", "exec_true", "exec_python",
+    "create", "runtime_create", "runtime_start", "create_to_first_exec", "exec_true", "exec_python",
     "stream_ttfb", "destroy", "burst_10", "file_write", "file_read",
 )
 
