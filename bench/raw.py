@@ -287,7 +287,8 @@ class RawCrun:
         res = subprocess.run(self._argv("list", quiet), capture_output=True, text=True, timeout=TIMEOUT, check=False)
         for cid in res.stdout.split():
             self._down_quietly(cid)
-        for cid in [p.name for p in (CGROUP_ROOT / "memory" / CGROUP_PARENT).glob(f"bench-{self.kind}-{os.getpid()}-*")]:
+        ours = (CGROUP_ROOT / "memory" / CGROUP_PARENT).glob(f"bench-{self.kind}-{os.getpid()}-*")
+        for cid in [p.name for p in ours]:
             _remove_cgroups(cid)
         for ctrl in CGROUP_ROOT.iterdir():
             parent = ctrl / CGROUP_PARENT
