@@ -53,6 +53,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--python", default=PYTHON)
     p.add_argument("--out", type=Path, help="write the Markdown report here (e.g. docs/benchmarks.md)")
     p.add_argument("--json", type=Path, dest="json_out", help="write the JSON results here")
+    p.add_argument("--from-json", type=Path, help="measure nothing: render --out (and stdout) from a saved JSON run")
     return p.parse_args(argv)
 
 
@@ -136,8 +137,18 @@ async def measure(a: argparse.Namespace, label: str, plan: Plan, work: Path) -> 
     return results, info
 
 
+def render(doc: dict[str, Any], out: Path | None) -> None:
+    print("\n".join(results_markdown(doc)))
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(write_markdown(doc, TEMPLATE.read_text()))
+
+
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
+    if a.from_json:
+        render(json.loads(a.from_json.read_text()), a.out)
+        return 0
     wanted = [p.strip() for p in a.providers.split(",") if p.strip()]
     unknown = [p for p in wanted if p not in PROVIDERS]
     if unknown:
@@ -175,11 +186,8 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine.to_json(),
     }
     doc = build_json(measured, head)
-    print("\n".join(results_markdown(doc)))
     if a.json_out:
         a.json_out.parent.mkdir(parents=True, exist_ok=True)
         a.json_out.write_text(json.dumps(doc, indent=1) + "\n")
-    if a.out:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(write_markdown(doc, TEMPLATE.read_text()))
+    render(doc, a.out)
     return 0
