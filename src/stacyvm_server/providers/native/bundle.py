@@ -69,6 +69,9 @@ class BundleParams:
     vcpus: int
     pids_limit: int
     env: list[str]  # "KEY=value", init's environment
+    # False only for runsc: its Debian build cannot start with a user namespace
+    # in the spec; gVisor's Sentry is the isolation boundary there.
+    user_namespace: bool = True
 
 
 def rlimits() -> list[dict[str, Any]]:
@@ -142,6 +145,22 @@ def build_config(p: BundleParams) -> dict[str, Any]:
     mem = p.memory_mb * 1024 * 1024
     period = 100000
     init_args = [TINI, "-s", "--", BUSYBOX, "sleep", "infinity"]
+    namespaces: list[dict[str, str]] = [
+        {"type": "pid"},
+        {"type": "ipc"},
+        {"type": "uts"},
+        {"type": "mount"},
+        {"type": "cgroup"},
+        # We create the netns ourselves so network teardown stays ours.
+        {"type": "network", "path": p.netns_path},
+    ]
+    idmaps: dict[str, Any] = {}
+    if p.user_namespace:
+        namespaces.append({"type": "user"})
+        idmaps = {
+            "uidMappings": [{"containerID": 0, "hostID": UID_SHIFT, "size": UID_RANGE}],
+            "gidMappings": [{"containerID": 0, "hostID": UID_SHIFT, "size": UID_RANGE}],
+        }
     return {
         "ociVersion": "1.0.2",
         "process": process(init_args, p.env, "/", 0, 0),
@@ -149,18 +168,8 @@ def build_config(p: BundleParams) -> dict[str, Any]:
         "hostname": p.sandbox_id.replace("_", "-"),  # "_" is not valid in a hostname
         "mounts": _mounts(),
         "linux": {
-            "uidMappings": [{"containerID": 0, "hostID": UID_SHIFT, "size": UID_RANGE}],
-            "gidMappings": [{"containerID": 0, "hostID": UID_SHIFT, "size": UID_RANGE}],
-            "namespaces": [
-                {"type": "pid"},
-                {"type": "ipc"},
-                {"type": "uts"},
-                {"type": "mount"},
-                {"type": "user"},
-                {"type": "cgroup"},
-                # We create the netns ourselves so network teardown stays ours.
-                {"type": "network", "path": p.netns_path},
-            ],
+            **idmaps,
+            "namespaces": namespaces,
             "cgroupsPath": p.cgroups_path,
             "resources": {
                 "devices": [{"allow": False, "access": "rwm"}]

@@ -59,7 +59,9 @@ class NativeExecProcess(ExecProcess):
         pid_file: Path,
         cleanup: list[Path],
         exit_reason: Callable[[int], Awaitable[str | None]],
+        host_tree_kill: bool = True,
     ) -> None:
+        self._host_tree_kill = host_tree_kill
         self._proc = proc
         self._sandbox_id = sandbox_id
         self._pid_file = pid_file
@@ -135,11 +137,11 @@ class NativeExecProcess(ExecProcess):
         if self._proc.returncode is not None and self._killed:
             return
         self._killed = True
-        if self._sid is None and self._proc.returncode is None:
+        if self._host_tree_kill and self._sid is None and self._proc.returncode is None:
             # The runtime has not written the pid file yet; give it a moment.
             with contextlib.suppress(TimeoutError, asyncio.CancelledError):
                 await asyncio.wait_for(asyncio.shield(self._sid_task), 2.0)
-        if self._sid is not None:
+        if self._host_tree_kill and self._sid is not None:
             sid = self._sid
             # Repeat until no member is left: a task in the middle of fork() when
             # frozen can surface once thawed.

@@ -80,6 +80,8 @@ class NativeProvider(Provider):
         # Addresses are host-wide (like the routes and the nft table), not per
         # data dir: two servers on one host must never hand out the same one.
         self.pool = network.AddressPool(settings.native.bridge_subnet, network.ADDRESS_DIR)
+        # Host uid/gid of the sandbox's root (see bundle.BundleParams.user_namespace).
+        self.uid_shift = 0 if settings.native.runtime == "runsc" else bundle.UID_SHIFT
         self._boxes: dict[str, _Box] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._exec_seq = 0
@@ -126,7 +128,7 @@ class NativeProvider(Provider):
             raise BadRequest(f"invalid sandbox id: {sid!r}")
         if spec.memory_mb < 6 or spec.vcpus < 1 or spec.pids_limit < 8:
             raise BadRequest("memory_mb >= 6, vcpus >= 1 and pids_limit >= 8 are required")
-        image = await self.images.ensure(spec.image, uid_shift=bundle.UID_SHIFT)
+        image = await self.images.ensure(spec.image, uid_shift=self.uid_shift)
         lower = str(image.rootfs)
         if _BAD_OVERLAY_CHARS & set(lower):
             raise ProviderError(f"image rootfs path not usable as overlay lowerdir: {lower}")
@@ -163,7 +165,7 @@ class NativeProvider(Provider):
             p.mkdir()
         # The merged root's owner and mode come from the upper dir: make it the
         # sandbox root's (host uid 100000) so root inside owns "/".
-        os.chown(upper, bundle.UID_SHIFT, bundle.UID_SHIFT)
+        os.chown(upper, self.uid_shift, self.uid_shift)
         os.chmod(upper, 0o755)
         opts = f"lowerdir={image.rootfs},upperdir={upper},workdir={work}"
         await asyncio.to_thread(syscalls.mount, "overlay", str(rootfs), "overlay", 0, opts)
@@ -178,18 +180,19 @@ class NativeProvider(Provider):
             await nft.add_binding(plan.host_if, plan.address)
         await asyncio.to_thread(network.create_netns, sid, plan)
 
-        box = _Box(sid, d, env, cfg.workdir, cfg.user, SandboxFS(str(rootfs), bundle.UID_SHIFT, bundle.UID_SHIFT))
+        box = _Box(sid, d, env, cfg.workdir, cfg.user, SandboxFS(str(rootfs), self.uid_shift, self.uid_shift))
         if spec.network == "bridge":
             await asyncio.to_thread(_write_resolv_conf, box.fs)
         params = bundle.BundleParams(sid, str(rootfs), plan.netns_path, cgroups.cgroups_path(sid),
-                                     spec.memory_mb, spec.vcpus, spec.pids_limit, env)
+                                     spec.memory_mb, spec.vcpus, spec.pids_limit, env,
+                                     user_namespace=self.runtime.kind != "runsc")
         _write_json(d / "config.json", bundle.build_config(params))
         (d / "exec").mkdir()
         # The init's output file belongs to the sandbox's root, so processes in
         # the sandbox may reopen it (e.g. via /proc/1/fd/1) like a console.
         log = d / "init.log"
         log.touch(mode=0o600)
-        os.chown(log, bundle.UID_SHIFT, bundle.UID_SHIFT)
+        os.chown(log, self.uid_shift, self.uid_shift)
         await self.runtime.run_detached(d, sid, d / "init.pid", d / "init.log", timeout=60)
         self._boxes[sid] = box
 
@@ -272,7 +275,7 @@ class NativeProvider(Provider):
             meta = json.loads((d / "meta.json").read_text())
         except (OSError, ValueError):
             raise ProviderError(f"sandbox {sid} not found on this host") from None
-        fs = SandboxFS(str(d / "rootfs"), bundle.UID_SHIFT, bundle.UID_SHIFT)
+        fs = SandboxFS(str(d / "rootfs"), self.uid_shift, self.uid_shift)
         box = _Box(sid, d, list(meta.get("env", [])), meta.get("workdir", ""), meta.get("user", ""), fs)
         self._boxes[sid] = box
         return box
@@ -306,7 +309,10 @@ class NativeProvider(Provider):
         async def exit_reason(rc: int) -> str | None:
             return "oom" if cgroups.oom_kills(box.sandbox_id) > oom_before else None
 
-        return NativeExecProcess(proc, box.sandbox_id, pid_file, [proc_file, pid_file], exit_reason)
+        # Under runsc the exec's processes live inside the Sentry, not on the
+        # host, so the host-side session kill does not apply (see docs).
+        return NativeExecProcess(proc, box.sandbox_id, pid_file, [proc_file, pid_file], exit_reason,
+                                 host_tree_kill=self.runtime.kind != "runsc")
 
     # files -----------------------------------------------------------------------
     async def read_file(self, handle: SandboxHandle, path: str) -> AsyncIterator[bytes]:
