@@ -10,6 +10,8 @@ from stacyvm_server.core.models import Event, utcnow
 from stacyvm_server.store.db import Store
 
 _SUBSCRIBER_BUFFER = 256
+# Events reach the store at most this late; a SIGKILL can lose that much history.
+_FLUSH_DELAY = 0.2
 
 
 class EventBus:
@@ -19,6 +21,8 @@ class EventBus:
         self._history: collections.deque[Event] = collections.deque(store.recent_events(history), maxlen=history)
         self._seq = self._history[-1].seq if self._history else 0
         self._subscribers: set[asyncio.Queue[Event | None]] = set()
+        self._unsaved: list[Event] = []
+        self._flush_scheduled = False
         self.total = 0
 
     @property
@@ -33,7 +37,7 @@ class EventBus:
         self._seq += 1
         ev = Event(self._seq, type_, utcnow(), sandbox_id, data)
         self._history.append(ev)
-        self._store.append_event(ev, self._keep)
+        self._persist(ev)
         self.total += 1
         for q in list(self._subscribers):
             if q.full():
@@ -44,6 +48,25 @@ class EventBus:
             else:
                 q.put_nowait(ev)
         return ev
+
+    def _persist(self, ev: Event) -> None:
+        """Write events in batches: one commit per burst instead of one per event."""
+        self._unsaved.append(ev)
+        if self._flush_scheduled:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.flush()
+            return
+        self._flush_scheduled = True
+        loop.call_later(_FLUSH_DELAY, self.flush)
+
+    def flush(self) -> None:
+        self._flush_scheduled = False
+        batch, self._unsaved = self._unsaved, []
+        if batch:
+            self._store.append_events(batch, self._keep)
 
     async def subscribe(self, last_event_id: int | None = None) -> AsyncIterator[Event]:
         q: asyncio.Queue[Event | None] = asyncio.Queue(_SUBSCRIBER_BUFFER)
@@ -65,6 +88,7 @@ class EventBus:
             self._subscribers.discard(q)
 
     def close(self) -> None:
+        self.flush()
         for q in list(self._subscribers):
             if q.full():
                 q.get_nowait()

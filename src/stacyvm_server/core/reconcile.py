@@ -28,12 +28,12 @@ async def reconcile(store: Store, sandboxes: SandboxService, events: EventBus, n
         item = found.pop(sb.id, None)
         if item is None:
             sb.state, sb.reason, sb.destroyed_at = State.DESTROYED, Reason.HOST_LOST, utcnow()
-            store.save_sandbox(sb)
+            sandboxes.save(sb)
             note(sb.id, "marked_destroyed", Reason.HOST_LOST.value)
             continue
         if sb.handle is None:
             sb.handle = item.handle
-            store.save_sandbox(sb)
+            sandboxes.save(sb)
         if sb.state == State.CREATING:
             # The server died mid-spawn: nobody got this sandbox, so it goes.
             await sandboxes.terminate(sb.id, Reason.STARTUP_FAILED)
@@ -46,7 +46,7 @@ async def reconcile(store: Store, sandboxes: SandboxService, events: EventBus, n
         else:
             if sb.state != State.RUNNING:
                 sb.state = State.RUNNING
-                store.save_sandbox(sb)
+                sandboxes.save(sb)
             note(sb.id, "adopted_runtime")
     for orphan in found.values():
         # Ours (the provider tagged it) but the store does not know it: it would leak.

@@ -109,8 +109,26 @@ class SandboxService:
         self.limits = limits
         self._on_expiry_change = on_expiry_change
         self._locks: dict[str, asyncio.Lock] = {}
+        # Live records, written through to the store: core is the only writer, and a
+        # store read per exec or file call costs about a millisecond.
+        self._cache: dict[str, Sandbox] = {}
 
     # helpers -------------------------------------------------------------------
+    def _load(self, sandbox_id: str) -> Sandbox | None:
+        sb = self._cache.get(sandbox_id)
+        if sb is None:
+            sb = self.store.get_sandbox(sandbox_id)
+            if sb is not None and sb.state != State.DESTROYED:
+                self._cache[sandbox_id] = sb
+        return sb
+
+    def save(self, sb: Sandbox) -> None:
+        self.store.save_sandbox(sb)
+        if sb.state == State.DESTROYED:
+            self._cache.pop(sb.id, None)
+        else:
+            self._cache[sb.id] = sb
+
     def _lock(self, sandbox_id: str) -> asyncio.Lock:
         return self._locks.setdefault(sandbox_id, asyncio.Lock())
 
@@ -143,7 +161,7 @@ class SandboxService:
     # queries -------------------------------------------------------------------
     async def get(self, caller: Caller, sandbox_id: str) -> Sandbox:
         sid = normalize_sandbox_id(sandbox_id)
-        sb = self.store.get_sandbox(sid)
+        sb = self._load(sid)
         if sb is None or sb.state == State.DESTROYED or not self.visible(caller, sb):
             raise NotFound(f"sandbox {sandbox_id} not found")
         return sb
@@ -277,7 +295,7 @@ class SandboxService:
                 sb.reason = Reason.STARTUP_FAILED
                 sb.error = str(exc)[:1000]
                 sb.destroyed_at = utcnow()
-                self.store.save_sandbox(sb)
+                self.save(sb)
                 self.events.publish(
                     "provider.failed", sb.id, {"operation": "spawn", "provider": sb.provider, "error": sb.error}
                 )
@@ -286,7 +304,7 @@ class SandboxService:
                 log.exception("spawn of %s failed", sb.id)
                 raise ProviderError(f"spawning sandbox failed: {exc}") from exc
             sb.state = State.RUNNING
-            self.store.save_sandbox(sb)
+            self.save(sb)
             self.events.publish("sandbox.running", sb.id)
         self._on_expiry_change()
         return sb
@@ -295,7 +313,7 @@ class SandboxService:
     async def destroy(self, caller: Caller, sandbox_id: str) -> None:
         self._require_write(caller)
         sid = normalize_sandbox_id(sandbox_id)
-        sb = self.store.get_sandbox(sid)
+        sb = self._load(sid)
         if sb is None or not self.visible(caller, sb):
             raise NotFound(f"sandbox {sandbox_id} not found")
         await self.terminate(sb.id, Reason.USER)
@@ -303,11 +321,11 @@ class SandboxService:
     async def terminate(self, sandbox_id: str, reason: Reason) -> bool:
         """Tear a sandbox down for `reason`. Returns False if it was already gone."""
         async with self._lock(sandbox_id):
-            sb = self.store.get_sandbox(sandbox_id)
+            sb = self._load(sandbox_id)
             if sb is None or sb.state == State.DESTROYED:
                 return False
             sb.state = State.STOPPING
-            self.store.save_sandbox(sb)
+            self.save(sb)
             try:
                 if sb.handle is not None and sb.provider in self.providers:
                     await self._timed("destroy", sb.provider, self.providers[sb.provider].destroy(sb.handle))
@@ -315,7 +333,7 @@ class SandboxService:
                 # Keep the record so the reaper (or a retry) can finish the job: nothing leaks silently.
                 sb.state = State.ERROR
                 sb.error = f"destroy failed: {exc}"[:1000]
-                self.store.save_sandbox(sb)
+                self.save(sb)
                 self.events.publish(
                     "provider.failed", sb.id, {"operation": "destroy", "provider": sb.provider, "error": sb.error}
                 )
@@ -325,7 +343,7 @@ class SandboxService:
             sb.state = State.DESTROYED
             sb.reason = reason
             sb.destroyed_at = utcnow()
-            self.store.save_sandbox(sb)
+            self.save(sb)
             self.events.publish("sandbox.destroyed", sb.id, {"reason": reason.value})
         self._locks.pop(sandbox_id, None)
         return True
@@ -346,11 +364,11 @@ class SandboxService:
         sb = await self.get(caller, sandbox_id)
         self.limits.check_ttl(delta, sb.owner_id)
         async with self._lock(sb.id):
-            current = self.store.get_sandbox(sb.id)
+            current = self._load(sb.id)
             if current is None or current.state == State.DESTROYED:
                 raise NotFound(f"sandbox {sandbox_id} not found")
             current.expires_at = utcnow() + delta
-            self.store.save_sandbox(current)
+            self.save(current)
         self._on_expiry_change()
         return current
 

@@ -300,11 +300,15 @@ class Store:
             return list(s.scalars(select(ApiKeyRow)))
 
     # events ------------------------------------------------------------------
-    def append_event(self, ev: Event, keep: int) -> None:
+    def append_events(self, events: list[Event], keep: int) -> None:
         with self._tx() as s:
-            s.add(EventRow(seq=ev.seq, type=ev.type, sandbox_id=ev.sandbox_id, timestamp=ev.timestamp, data=ev.data))
-            if ev.seq % 100 == 0:  # trim in batches, not on every insert
-                s.execute(delete(EventRow).where(EventRow.seq <= ev.seq - keep))
+            s.add_all(
+                EventRow(seq=e.seq, type=e.type, sandbox_id=e.sandbox_id, timestamp=e.timestamp, data=e.data)
+                for e in events
+            )
+            last = events[-1].seq
+            if last // 100 != (events[0].seq - 1) // 100:  # trim now and then, not on every batch
+                s.execute(delete(EventRow).where(EventRow.seq <= last - keep))
 
     def recent_events(self, limit: int) -> list[Event]:
         with self._sessions() as s:
