@@ -5,8 +5,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
-from tests.conftest import ServerProc
+import httpx
+
+from tests.conftest import ServerProc, start_server, stop_server
 
 
 def stacyvm(*args: str, url: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -58,3 +61,42 @@ def test_doctor_passes_on_prepared_host() -> None:
     res = stacyvm("doctor", check=False)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "all checks passed" in res.stdout
+
+
+def _image_cmd(*args: str, cache: Path) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STACYVM_")}
+    env["STACYVM_IMAGES_CACHE_DIR"] = str(cache)
+    res = subprocess.run(
+        [sys.executable, "-m", "stacyvm_server", "image", *args], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert res.returncode == 0, f"image {' '.join(args)}: {res.stdout}\n{res.stderr}"
+    return res
+
+
+def test_image_commands(tmp_path: Path, test_images: dict[str, str]) -> None:
+    ref = test_images["busybox"]
+    cache = tmp_path / "cache"
+    pulled = _image_cmd("pull", ref, cache=cache).stdout
+    assert ref in pulled and "sha256:" in pulled
+    assert ref in _image_cmd("ls", cache=cache).stdout
+    _image_cmd("rm", ref, cache=cache)
+    assert ref not in _image_cmd("ls", cache=cache).stdout
+    assert "freed" in _image_cmd("prune", cache=cache).stdout
+    assert not any((cache / "rootfs").iterdir())
+
+
+def test_image_prune_keeps_what_a_sandbox_uses(tmp_path: Path, test_images: dict[str, str]) -> None:
+    """`stacyvm image prune` beside a running server never removes a rootfs a sandbox is built on."""
+    server = start_server(tmp_path / "srv")
+    try:
+        with httpx.Client(base_url=server.base_url + "/api/v1", timeout=60) as c:
+            sid = c.post("/sandboxes", json={"image": test_images["busybox"]}).json()["id"]
+            cache = server.data_dir / "images"
+            _image_cmd("rm", test_images["busybox"], cache=cache)
+            _image_cmd("prune", cache=cache)
+            assert any((cache / "rootfs").iterdir())
+            r = c.post(f"/sandboxes/{sid}/exec", json={"command": "ls /bin/sh && echo ok"})
+            assert r.json()["stdout"].endswith("ok\n"), r.text
+            assert c.delete(f"/sandboxes/{sid}").status_code == 200
+    finally:
+        stop_server(server)

@@ -248,8 +248,11 @@ class ImageStore:
         self._refs_stamp = (st.st_ino, st.st_mtime_ns)
 
     def _prune(self, in_use_paths: Collection[Path]) -> int:
+        # A tree mounted as an overlay lower layer is in use by some sandbox, whichever
+        # process asks (the server, or `stacyvm image prune` beside a running server).
+        in_use = {Path(p).resolve() for p in in_use_paths} | mounted_lowerdirs()
         with self._refs_locked():
-            return self._prune_locked({Path(p).resolve() for p in in_use_paths})
+            return self._prune_locked(in_use)
 
     def _prune_locked(self, in_use: set[Path]) -> int:
         keep_blobs: set[str] = set()
@@ -273,6 +276,25 @@ class ImageStore:
             shutil.rmtree(tree)
             self._sizes.pop(tree.name, None)
         return freed
+
+
+def mounted_lowerdirs() -> set[Path]:
+    """Every overlayfs lower directory currently mounted on this host."""
+    found: set[Path] = set()
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return found
+    for line in lines:
+        _, _, tail = line.partition(" - ")
+        parts = tail.split(" ")
+        if len(parts) < 3 or parts[0] != "overlay":
+            continue
+        for opt in parts[2].split(","):
+            if opt.startswith("lowerdir="):
+                # mountinfo escapes spaces etc. as octal; our cache paths have none.
+                found.update(Path(d) for d in opt.removeprefix("lowerdir=").split(":") if d)
+    return found
 
 
 def _remove_leftovers(*dirs: Path) -> None:
