@@ -111,14 +111,6 @@ def check_text(value: str, field: str) -> str:
     return value
 
 
-def check_path(value: str | None, field: str = "path") -> str:
-    if value is None or not value.strip():
-        raise BadRequest(f"{field} is required")
-    if "\x00" in value:
-        raise BadRequest(f"{field}: must not contain NUL bytes")
-    return value
-
-
 def check_duration(value: str | None, field: str, *, positive: bool = False) -> str | None:
     """Validate a Go duration string; "" and None mean "not given"."""
     if value is None or value == "":

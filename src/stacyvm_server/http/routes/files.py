@@ -6,6 +6,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from stacyvm_server.core.models import Caller
+from stacyvm_server.core.sandboxes import check_path
 from stacyvm_server.errors import BadRequest
 from stacyvm_server.http.auth import get_caller, require_write
 from stacyvm_server.http.deps import get_core, ok
@@ -14,7 +15,6 @@ from stacyvm_server.http.wire import (
     ChmodBody,
     MoveBody,
     WriteFileBody,
-    check_path,
     file_info_json,
     parse_body,
 )
