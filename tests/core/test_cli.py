@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -100,3 +101,4 @@ def test_image_prune_keeps_what_a_sandbox_uses(tmp_path: Path, test_images: dict
             assert c.delete(f"/sandboxes/{sid}").status_code == 200
     finally:
         stop_server(server)
+        shutil.rmtree(server.data_dir, ignore_errors=True)

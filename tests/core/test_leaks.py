@@ -4,6 +4,7 @@ on the host (mounts, cgroups, netns, veths, nft elements, processes, directories
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -47,6 +48,7 @@ def server(tmp_path: Path, test_images: dict[str, str]) -> ServerProc:
     srv = start_server(tmp_path / "leak")
     yield srv  # type: ignore[misc]
     stop_server(srv)
+    shutil.rmtree(srv.data_dir, ignore_errors=True)
 
 
 @pytest.mark.slow

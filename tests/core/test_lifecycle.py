@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import threading
@@ -78,6 +79,7 @@ def server(tmp_path: Path, test_images: dict[str, str]) -> ServerProc:
     yield srv  # type: ignore[misc]
     if srv.proc.poll() is None:
         stop_server(srv)
+    shutil.rmtree(srv.data_dir, ignore_errors=True)
 
 
 def test_ttl_destroys_within_a_second(server: ServerProc, test_images: dict[str, str]) -> None:
