@@ -102,3 +102,35 @@ def test_image_prune_keeps_what_a_sandbox_uses(tmp_path: Path, test_images: dict
     finally:
         stop_server(server)
         shutil.rmtree(server.data_dir, ignore_errors=True)
+
+
+def test_serve_refuses_remote_bind_without_keys(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STACYVM_")}
+    env["STACYVM_SERVER_DATA_DIR"] = str(tmp_path)
+    res = subprocess.run(
+        [sys.executable, "-m", "stacyvm_server", "serve", "--host", "0.0.0.0"],
+        capture_output=True, text=True, env=env, timeout=60, cwd=tmp_path,
+    )
+    assert res.returncode == 1
+    assert "refusing to listen on 0.0.0.0 without API keys" in res.stderr
+
+
+def test_serve_without_keys_binds_loopback(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STACYVM_")}
+    env.update(STACYVM_SERVER_DATA_DIR=str(tmp_path / "data"), STACYVM_SERVER_PORT="0", STACYVM_NATIVE_ENABLED="false")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stacyvm_server", "serve"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path,
+    )
+    try:
+        seen = ""
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            seen += line
+            if "Uvicorn running on" in line:
+                break
+        assert "No API keys configured: listening on 127.0.0.1 only" in seen
+        assert "Uvicorn running on http://127.0.0.1:" in seen
+    finally:
+        proc.terminate()
+        proc.wait(30)
