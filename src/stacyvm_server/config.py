@@ -119,7 +119,6 @@ class NativeConfig(_Section):
     runtime_path: str | None = None
     # Defaults to <server.data_dir>/native when unset.
     state_dir: Path | None = None
-    bridge_name: str = "stacyvm0"
     bridge_subnet: str = "10.88.0.0/16"
     # Sandboxes may reach each other over the bridge only when this is set.
     allow_inter_sandbox: bool = False

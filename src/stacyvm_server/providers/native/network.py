@@ -6,7 +6,7 @@ on br_netfilter, a host-wide switch that also changes Docker's bridges. With a
 point-to-point veth per sandbox every packet is routed by the host, so the one
 inet table sees all of it. The sandbox gets `addr/32` and a default route via
 the gateway address `onlink`; the host side carries the gateway address /32
-and a /32 route back. `settings.native.bridge_name` is therefore unused.
+and a /32 route back.
 
 Namespaces are created by unshare(CLONE_NEWNET) in a short-lived thread and
 bind-mounted at /run/netns/stacyvm-<id> (visible to `ip netns`). netns changes
