@@ -72,6 +72,17 @@ class BundleParams:
     # False only for runsc: its Debian build cannot start with a user namespace
     # in the spec; gVisor's Sentry is the isolation boundary there.
     user_namespace: bool = True
+    # runc: join this user namespace (made by network.create_userns_netns; it
+    # owns the netns) instead of creating one; /sys is then a fresh sysfs.
+    userns_path: str | None = None
+    # A sysfs of the sandbox's own instead of a read-only bind of the host's:
+    # runc (with userns_path) and runsc (gVisor's own sysfs; a bind would
+    # show the host's /sys through the gofer).
+    fresh_sysfs: bool = False
+    # runsc only: bind the rootfs's own /tmp over /tmp. Without a /tmp mount in
+    # the spec runsc mounts a Sentry-internal tmpfs there, and files the API
+    # writes to /tmp (on the host overlay) would be invisible inside.
+    tmp_bind: str | None = None
 
 
 def rlimits() -> list[dict[str, Any]]:
@@ -115,8 +126,16 @@ def process(args: list[str], env: list[str], cwd: str, uid: int, gid: int) -> di
     }
 
 
-def _mounts() -> list[dict[str, Any]]:
+def _mounts(fresh_sysfs: bool = False, tmp_bind: str | None = None) -> list[dict[str, Any]]:
     nsd = ["nosuid", "noexec", "nodev"]
+    if fresh_sysfs:
+        # The netns belongs to the sandbox's user namespace: a sysfs of its own.
+        sys_mount = {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["ro", *nsd]}
+    else:
+        # sysfs cannot be mounted: our netns belongs to the host user namespace.
+        # A non-recursive read-only bind shows /sys without any of the host's
+        # sub-mounts (cgroupfs, debugfs, ...); the sandbox's own cgroups come next.
+        sys_mount = {"destination": "/sys", "type": "bind", "source": "/sys", "options": ["bind", "ro", *nsd]}
     return [
         {"destination": "/proc", "type": "proc", "source": "proc", "options": nsd},
         {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
@@ -126,10 +145,7 @@ def _mounts() -> list[dict[str, Any]]:
         {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
          "options": [*nsd, "mode=1777", "size=65536k"]},
         {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": nsd},
-        # sysfs cannot be mounted: our netns belongs to the host user namespace.
-        # A non-recursive read-only bind shows /sys without any of the host's
-        # sub-mounts (cgroupfs, debugfs, ...); the sandbox's own cgroups come next.
-        {"destination": "/sys", "type": "bind", "source": "/sys", "options": ["bind", "ro", *nsd]},
+        sys_mount,
         {"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
          "options": [*nsd, "relatime", "ro"]},
         {"destination": "/run", "type": "tmpfs", "source": "tmpfs", "options": [*nsd, "mode=755"]},
@@ -138,6 +154,8 @@ def _mounts() -> list[dict[str, Any]]:
         {"destination": TINI, "type": "bind", "source": HOST_TINI, "options": ["bind", "ro", "nosuid", "nodev"]},
         {"destination": BUSYBOX, "type": "bind", "source": HOST_BUSYBOX,
          "options": ["bind", "ro", "nosuid", "nodev"]},
+        *([{"destination": "/tmp", "type": "bind", "source": tmp_bind, "options": ["bind", "rw", "nodev"]}]
+          if tmp_bind else []),
     ]
 
 
@@ -156,7 +174,7 @@ def build_config(p: BundleParams) -> dict[str, Any]:
     ]
     idmaps: dict[str, Any] = {}
     if p.user_namespace:
-        namespaces.append({"type": "user"})
+        namespaces.append({"type": "user", "path": p.userns_path} if p.userns_path else {"type": "user"})
         idmaps = {
             "uidMappings": [{"containerID": 0, "hostID": UID_SHIFT, "size": UID_RANGE}],
             "gidMappings": [{"containerID": 0, "hostID": UID_SHIFT, "size": UID_RANGE}],
@@ -166,7 +184,7 @@ def build_config(p: BundleParams) -> dict[str, Any]:
         "process": process(init_args, p.env, "/", 0, 0),
         "root": {"path": p.rootfs, "readonly": False},
         "hostname": p.sandbox_id.replace("_", "-"),  # "_" is not valid in a hostname
-        "mounts": _mounts(),
+        "mounts": _mounts(p.fresh_sysfs, p.tmp_bind),
         "linux": {
             **idmaps,
             "namespaces": namespaces,

@@ -11,6 +11,15 @@ and a /32 route back.
 Namespaces are created by unshare(CLONE_NEWNET) in a short-lived thread and
 bind-mounted at /run/netns/stacyvm-<id> (visible to `ip netns`). netns changes
 are per thread, so the event loop's thread is never moved.
+
+runc needs one more thing: `runc exec` joins the container's user namespace
+before its netns, and a netns owned by the host user namespace cannot be
+joined from inside the container's (EPERM). For runc the user namespace is
+therefore made here too (`create_userns_netns`): a short-lived
+`unshare --user --net` child, whose maps we write (0-65535 -> 100000-165535)
+and whose two namespaces we bind-mount (/run/stacyvm/userns/stacyvm-<id> and
+the usual netns path). The netns then belongs to the sandbox's user
+namespace, so runc can also mount a fresh sysfs for it.
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ from stacyvm_server.providers.native import syscalls
 from stacyvm_server.providers.native.nft import IF_PREFIX
 
 NETNS_DIR = Path("/run/netns")
+USERNS_DIR = Path("/run/stacyvm/userns")
 ADDRESS_DIR = Path("/run/stacyvm/addresses")
 SANDBOX_IF = "eth0"
 
@@ -47,6 +57,10 @@ class NetPlan:
 
 def netns_path(sandbox_id: str) -> str:
     return str(NETNS_DIR / f"stacyvm-{sandbox_id}")
+
+
+def userns_path(sandbox_id: str) -> str:
+    return str(USERNS_DIR / f"stacyvm-{sandbox_id}")
 
 
 def host_ifname(sandbox_id: str) -> str:
@@ -117,22 +131,71 @@ def _in_thread(fn: Callable[[], T]) -> T:
     return box["v"]  # type: ignore[no-any-return,unused-ignore]
 
 
-def create_netns(sandbox_id: str, plan: NetPlan) -> None:
-    """Blocking. Make the netns, bring lo up, and wire the veth if plan has one."""
-    _in_thread(lambda: _create(sandbox_id, plan))
+def create_netns(sandbox_id: str, plan: NetPlan, uid_shift: int | None = None, id_range: int = 65536) -> None:
+    """Blocking. Make the netns, bring lo up, and wire the veth if plan has one.
+
+    With uid_shift, the netns is owned by a new user namespace mapping
+    0..id_range-1 to uid_shift.. (see the module docstring: runc).
+    """
+    if uid_shift is not None:
+        create_userns_netns(sandbox_id, plan.netns_path, uid_shift, id_range)
+    _in_thread(lambda: _create(sandbox_id, plan, existing=uid_shift is not None))
 
 
-def _create(sandbox_id: str, plan: NetPlan) -> None:
+def create_userns_netns(sandbox_id: str, net_path: str, uid_shift: int, id_range: int) -> None:
+    """Blocking. A user namespace and a netns it owns, bind-mounted at their paths."""
+    import subprocess
+
+    user_path = userns_path(sandbox_id)
+    USERNS_DIR.mkdir(parents=True, exist_ok=True, mode=0o700)
+    NETNS_DIR.mkdir(parents=True, exist_ok=True)
+    for path in (user_path, net_path):
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDONLY, 0o444)
+        os.close(fd)
+    # The child prints a line once it runs inside both namespaces, then waits
+    # for stdin to close; it never gets a mapping to anything but the range.
+    child = subprocess.Popen(
+        ["unshare", "--user", "--net", "--", "/bin/busybox", "sh", "-c", "echo ready; read x"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, close_fds=True,
+    )
+    try:
+        assert child.stdout is not None and child.stdin is not None
+        if child.stdout.readline() != b"ready\n":
+            raise ProviderError(f"unshare --user --net failed for {sandbox_id} (rc {child.poll()})")
+        for name in ("uid_map", "gid_map"):
+            with open(f"/proc/{child.pid}/{name}", "w") as f:
+                f.write(f"0 {uid_shift} {id_range}\n")
+        syscalls.mount(f"/proc/{child.pid}/ns/user", user_path, None, syscalls.MS_BIND)
+        syscalls.mount(f"/proc/{child.pid}/ns/net", net_path, None, syscalls.MS_BIND)
+    finally:
+        if child.stdin is not None:
+            child.stdin.close()
+        try:
+            child.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+
+
+def _create(sandbox_id: str, plan: NetPlan, existing: bool = False) -> None:
     from pyroute2 import IPRoute
 
     NETNS_DIR.mkdir(parents=True, exist_ok=True)
     path = plan.netns_path
-    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDONLY, 0o444)
-    os.close(fd)
+    if not existing:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDONLY, 0o444)
+        os.close(fd)
     host_ipr = IPRoute() if plan.host_if else None  # opened in the host netns
     try:
-        syscalls.unshare(syscalls.CLONE_NEWNET)
-        syscalls.mount(f"/proc/self/task/{threading.get_native_id()}/ns/net", path, None, syscalls.MS_BIND)
+        if existing:
+            nsfd = os.open(path, os.O_RDONLY)
+            try:
+                syscalls.setns(nsfd, syscalls.CLONE_NEWNET)  # this short-lived thread only
+            finally:
+                os.close(nsfd)
+        else:
+            syscalls.unshare(syscalls.CLONE_NEWNET)
+            syscalls.mount(f"/proc/self/task/{threading.get_native_id()}/ns/net", path, None, syscalls.MS_BIND)
         with IPRoute() as ipr:  # opened in the new netns
             lo = ipr.link_lookup(ifname="lo")[0]
             ipr.link("set", index=lo, state="up")
@@ -160,14 +223,14 @@ def _create(sandbox_id: str, plan: NetPlan) -> None:
 def destroy_netns(sandbox_id: str) -> None:
     """Blocking and idempotent: remove the host veth (its peer dies with it) and the netns."""
     _delete_link(host_ifname(sandbox_id))
-    path = netns_path(sandbox_id)
-    try:
-        syscalls.umount(path)
-    except OSError as exc:
-        if exc.errno not in (errno.EINVAL, errno.ENOENT):
-            raise
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
+    for path in (netns_path(sandbox_id), userns_path(sandbox_id)):
+        try:
+            syscalls.umount(path)
+        except OSError as exc:
+            if exc.errno not in (errno.EINVAL, errno.ENOENT):
+                raise
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
 
 
 def _delete_link(ifname: str) -> None:
