@@ -41,9 +41,13 @@ from stacyvm_server.providers.base import (
 )
 from stacyvm_server.providers.native import bundle, cgroups, host, network, nft, syscalls
 from stacyvm_server.providers.native.files import CHUNK, SandboxFS
-from stacyvm_server.providers.native.process import NativeExecProcess
+from stacyvm_server.providers.native.process import KILL_SESSION_SCRIPT, NativeExecProcess, parse_inner_pid
 from stacyvm_server.providers.native.runtime import OciRuntime
 from stacyvm_server.providers.native.users import resolve_user
+
+# runsc: host tasks of the gVisor sandbox (see NativeProvider._host_pids_limit).
+RUNSC_PIDS_BASE = 64
+RUNSC_PIDS_PER_PROCESS = 16
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 # Characters with meaning in overlayfs mount options.
@@ -178,14 +182,22 @@ class NativeProvider(Provider):
             # The binding lands before the interface exists; the prefix rules
             # cover the interface from its first packet anyway.
             await nft.add_binding(plan.host_if, plan.address)
-        await asyncio.to_thread(network.create_netns, sid, plan)
+        # runc: the netns must belong to the sandbox's user namespace (network.py).
+        own_userns = self.runtime.kind == "runc"
+        if own_userns:
+            handle.data["userns"] = network.userns_path(sid)
+        await asyncio.to_thread(network.create_netns, sid, plan,
+                                bundle.UID_SHIFT if own_userns else None, bundle.UID_RANGE)
 
         box = _Box(sid, d, env, cfg.workdir, cfg.user, SandboxFS(str(rootfs), self.uid_shift, self.uid_shift))
         if spec.network == "bridge":
             await asyncio.to_thread(_write_resolv_conf, box.fs)
         params = bundle.BundleParams(sid, str(rootfs), plan.netns_path, cgroups.cgroups_path(sid),
-                                     spec.memory_mb, spec.vcpus, spec.pids_limit, env,
-                                     user_namespace=self.runtime.kind != "runsc")
+                                     spec.memory_mb, spec.vcpus, self._host_pids_limit(spec.pids_limit), env,
+                                     user_namespace=self.runtime.kind != "runsc",
+                                     userns_path=handle.data.get("userns"),
+                                     fresh_sysfs=own_userns or self.runtime.kind == "runsc",
+                                     tmp_bind=_tmp_bind(rootfs) if self.runtime.kind == "runsc" else None)
         _write_json(d / "config.json", bundle.build_config(params))
         (d / "exec").mkdir()
         # The init's output file belongs to the sandbox's root, so processes in
@@ -195,6 +207,19 @@ class NativeProvider(Provider):
         os.chown(log, self.uid_shift, self.uid_shift)
         await self.runtime.run_detached(d, sid, d / "init.pid", d / "init.log", timeout=60)
         self._boxes[sid] = box
+
+    def _host_pids_limit(self, pids_limit: int) -> int:
+        """The pids cgroup value for a sandbox.
+
+        runsc: the sandbox's processes are not host tasks; the cgroup counts the
+        Sentry's threads and ptrace stubs (about 40 idle, about 15 more per
+        running process here), and runsc 2022 has no pids limit of its own.
+        So the cgroup gets a budget scaled to pids_limit; it protects the host,
+        and a sandbox that exhausts it dies as a whole (docs/native-provider.md).
+        """
+        if self.runtime.kind == "runsc":
+            return RUNSC_PIDS_BASE + RUNSC_PIDS_PER_PROCESS * pids_limit
+        return pids_limit
 
     async def destroy(self, handle: SandboxHandle) -> None:
         async with self._lock(handle.sandbox_id):
@@ -292,11 +317,12 @@ class NativeProvider(Provider):
         self._exec_seq += 1
         base = box.dir / "exec" / f"{os.getpid()}-{self._exec_seq}"
         proc_file, pid_file = base.with_suffix(".json"), base.with_suffix(".pid")
+        inner_pid_file = base.with_suffix(".ipid")
         _write_json(proc_file, bundle.process(list(spec.argv), env, cwd, uid, gid))
         oom_before = cgroups.oom_kills(box.sandbox_id)
         try:
             proc = await asyncio.create_subprocess_exec(
-                *self.runtime.exec_argv(box.sandbox_id, proc_file, pid_file),
+                *self.runtime.exec_argv(box.sandbox_id, proc_file, pid_file, inner_pid_file),
                 stdin=asyncio.subprocess.PIPE if spec.stdin else asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
@@ -309,10 +335,33 @@ class NativeProvider(Provider):
         async def exit_reason(rc: int) -> str | None:
             return "oom" if cgroups.oom_kills(box.sandbox_id) > oom_before else None
 
+        if self.runtime.kind != "runsc":
+            return NativeExecProcess(proc, box.sandbox_id, pid_file, [proc_file, pid_file], exit_reason)
+
         # Under runsc the exec's processes live inside the Sentry, not on the
-        # host, so the host-side session kill does not apply (see docs).
-        return NativeExecProcess(proc, box.sandbox_id, pid_file, [proc_file, pid_file], exit_reason,
-                                 host_tree_kill=self.runtime.kind != "runsc")
+        # host: the tree is killed from inside the sandbox (process.py).
+        async def inner_kill(inner_sid: int) -> None:
+            await self._kill_inner_session(box, inner_sid)
+
+        return NativeExecProcess(proc, box.sandbox_id, pid_file, [proc_file, pid_file, inner_pid_file],
+                                 exit_reason, inner_pid_file=inner_pid_file, inner_kill=inner_kill)
+
+    async def _kill_inner_session(self, box: _Box, inner_sid: int) -> None:
+        """SIGKILL every process of session inner_sid inside the sandbox (runsc).
+
+        Runs the host's busybox (read-only bind) as root in the sandbox; the
+        kill stays in the sandbox's pid namespace whatever inner_sid is.
+        """
+        if parse_inner_pid(str(inner_sid)) is None:
+            return
+        self._exec_seq += 1
+        kfile = box.dir / "exec" / f"{os.getpid()}-{self._exec_seq}-kill.json"
+        argv = [bundle.BUSYBOX, "sh", "-c", KILL_SESSION_SCRIPT, "stacyvm-kill", str(inner_sid)]
+        _write_json(kfile, bundle.process(argv, [f"PATH={bundle.PATH_DEFAULT}"], "/", 0, 0))
+        try:
+            await self.runtime.exec_quiet(box.sandbox_id, kfile, timeout=10)
+        finally:
+            kfile.unlink(missing_ok=True)
 
     # files -----------------------------------------------------------------------
     async def read_file(self, handle: SandboxHandle, path: str) -> AsyncIterator[bytes]:
@@ -390,6 +439,22 @@ def _merge_env(*layers: list[str] | dict[str, str]) -> list[str]:
                 env[k] = v
     env.setdefault("PATH", bundle.PATH_DEFAULT)
     return [f"{k}={v}" for k, v in env.items()]
+
+
+def _tmp_bind(rootfs: Path) -> str | None:
+    """The merged rootfs's /tmp as a bind source, only if it is a real directory.
+
+    The runtime resolves a bind source on the host, so a /tmp that is a
+    symlink (the image's choice) must never become one. Checked before the
+    sandbox starts, so nothing inside can swap it.
+    """
+    import stat
+
+    try:
+        st = os.lstat(rootfs / "tmp")
+    except OSError:
+        return None
+    return str(rootfs / "tmp") if stat.S_ISDIR(st.st_mode) else None
 
 
 def _write_json(path: Path, data: object) -> None:

@@ -7,6 +7,7 @@ spelling (runsc uses `-force`, `-format`) and runsc's global platform flags.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -35,7 +36,10 @@ class OciRuntime:
         if self.kind == "runsc":
             # kvm hangs on this host; the sandbox joins our netns and uses it
             # as its "host" network (runsc's own netstack cannot start here).
-            argv += ["--platform=ptrace", "--network=host"]
+            # --file-access=shared: the API writes files into the overlay from
+            # the host; with the default (exclusive) the Sentry caches the root
+            # and keeps serving stale contents.
+            argv += ["--platform=ptrace", "--network=host", "--file-access=shared"]
         return argv
 
     async def run_detached(self, bundle: Path, cid: str, pid_file: Path, log: Path, timeout: float) -> None:
@@ -63,8 +67,25 @@ class OciRuntime:
             tail = _tail(log)
             raise ProviderError(f"{self.kind} run failed (rc {rc}): {tail}")
 
-    def exec_argv(self, cid: str, process_file: Path, pid_file: Path) -> list[str]:
-        return [*self._global(), "exec", "--process", str(process_file), "--pid-file", str(pid_file), cid]
+    def exec_argv(self, cid: str, process_file: Path, pid_file: Path, inner_pid_file: Path | None = None) -> list[str]:
+        """`exec`; runsc also writes the process's pid inside the sandbox to inner_pid_file."""
+        extra = ["-internal-pid-file", str(inner_pid_file)] if self.kind == "runsc" and inner_pid_file else []
+        return [*self._global(), "exec", "--process", str(process_file), "--pid-file", str(pid_file), *extra, cid]
+
+    async def exec_quiet(self, cid: str, process_file: Path, timeout: float) -> int:
+        """Run an exec to completion, output discarded; its return code (-1 on timeout)."""
+        proc = await asyncio.create_subprocess_exec(
+            *self._global(), "exec", "--process", str(process_file), cid,
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL, start_new_session=True,
+        )
+        try:
+            return await asyncio.wait_for(proc.wait(), timeout)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, 9)
+            await proc.wait()
+            return -1
 
     async def delete(self, cid: str) -> None:
         flag = "-force" if self.kind == "runsc" else "--force"
