@@ -83,6 +83,16 @@ async def read_all(provider: Provider, h: SandboxHandle, path: str) -> bytes:
 
 
 class ProviderConformance:
+    # Set by providers whose memory and pids limits bound the whole sandbox as
+    # one host-side unit (gVisor: the cgroup holds the Sentry, not the
+    # application's processes): hitting a limit then ends the sandbox, and the
+    # tests assert that instead of "only the offender dies".
+    limits_end_whole_sandbox = False
+    # The leak loop: how many create/destroy cycles, within how many seconds
+    # (slow runtimes shorten it; the issue's acceptance run is 200 on crun).
+    leak_cycles = 200
+    leak_budget_s = 60.0
+
     # hooks ----------------------------------------------------------------------------
     async def leaks(self, provider: Provider, sandbox_id: str) -> list[str]:
         """Host resources still held for a destroyed sandbox (override per provider)."""
@@ -304,11 +314,24 @@ class ProviderConformance:
     # limits ------------------------------------------------------------------------
     async def test_pids_limit_contains_fork_bomb(self, provider: Provider, make_sandbox: MakeSandbox) -> None:
         h = await make_sandbox(pids_limit=32)
-        r = await run(provider, h, sh("i=0; while [ $i -lt 100 ]; do sleep 30 & i=$((i+1)); done; "
-                                      "echo started; kill $(jobs -p) 2>/dev/null; exit 0"))
+        # The sleeps do not hold the exec's output open, so it returns when the
+        # shell gives up; they end on their own 2 s later.
+        r = await run(provider, h, sh("i=0; while [ $i -lt 100 ]; do sleep 2 >/dev/null 2>&1 & i=$((i+1)); done; "
+                                      "echo started; exit 0"))
+        if self.limits_end_whole_sandbox:
+            # The bomb is stopped by ending the sandbox; the host is untouched.
+            assert r.rc != 0 and b"started" not in r.out, (r.rc, r.out[-200:], r.err[-300:])
+            assert not (await provider.state(h)).alive
+            assert (await run(provider, h, ["echo", "alive"])).rc != 0
+            return
         assert b"fork" in r.err.lower() or b"resource" in r.err.lower(), r.err[-300:]
         assert (await provider.stats(h)).pids <= 32
-        assert (await run(provider, h, ["echo", "alive"])).out == b"alive\n"
+        for _ in range(100):  # the sandbox recovers once the sleeps are gone
+            if (await run(provider, h, ["echo", "alive"])).out == b"alive\n":
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError("the sandbox did not recover from the fork bomb")
 
     async def test_memory_oom(self, provider: Provider, make_sandbox: MakeSandbox, python_image_ref: str) -> None:
         h = await make_sandbox(image=python_image_ref, memory_mb=64)
@@ -316,6 +339,10 @@ class ProviderConformance:
         assert st.mem_limit_bytes == 64 * 1024 * 1024
         r = await run(provider, h, ["python3", "-c", "x = b'a' * (512 << 20); print(len(x))"])
         assert r.rc == 137 and r.status.reason == "oom", (r.rc, r.status, r.err[-200:])
+        if self.limits_end_whole_sandbox:
+            st = await provider.state(h)
+            assert (st.alive, st.reason) == (False, "oom")
+            return
         assert (await provider.state(h)).alive  # only the hog dies
         assert (await run(provider, h, ["python3", "-c", "print(6*7)"])).out == b"42\n"
 
@@ -390,11 +417,11 @@ class ProviderConformance:
     @pytest.mark.slow
     async def test_create_destroy_cycles_leave_nothing(self, provider: Provider, image_ref: str) -> None:
         t0 = time.monotonic()
-        for i in range(200):
+        for i in range(self.leak_cycles):
             sid = new_sandbox_id()
             h = await provider.create(SandboxSpec(sid, image_ref, 64, 1, network="bridge" if i % 4 == 0 else "none"))
             if i % 10 == 0:
                 assert (await run(provider, h, ["true"])).rc == 0
             await provider.destroy(h)
             assert await self.leaks(provider, sid) == []
-        assert time.monotonic() - t0 < 60
+        assert time.monotonic() - t0 < self.leak_budget_s

@@ -157,9 +157,31 @@ async def make_sandbox(provider: Provider, image_ref: str) -> AsyncIterator[obje
         await provider.destroy(h)
 
 
+@pytest_asyncio.fixture(scope="class", loop_scope="session")
+async def class_sandbox(provider: Provider, image_ref: str) -> AsyncIterator[object]:
+    """One sandbox for a whole test class (see `sandbox`)."""
+    from stacyvm_server.ids import new_sandbox_id
+    from stacyvm_server.providers.base import SandboxSpec
+
+    handle = await provider.create(SandboxSpec(new_sandbox_id(), image_ref, 256, 1))
+    yield handle
+    await provider.destroy(handle)
+
+
 @pytest_asyncio.fixture(loop_scope="session")
-async def sandbox(make_sandbox: object) -> object:
+async def fresh_sandbox(make_sandbox: object) -> object:
     return await make_sandbox()  # type: ignore[operator]
+
+
+@pytest.fixture
+def sandbox(request: pytest.FixtureRequest) -> object:
+    """A default sandbox: fresh per test, or, when the test class sets
+    `share_sandbox = True` (runsc: delete takes ~1.7 s), one per class. The
+    suite's tests that take `sandbox` use distinct paths and leave no
+    processes behind, so they can share one."""
+    if getattr(request.cls, "share_sandbox", False):
+        return request.getfixturevalue("class_sandbox")
+    return request.getfixturevalue("fresh_sandbox")
 
 
 # Network fixtures ---------------------------------------------------------------------
