@@ -103,6 +103,17 @@ def remove(sandbox_id: str) -> None:
                 os.rmdir(dirpath)
 
 
+def remove_parent() -> None:
+    """Drop the shared parent cgroups if no sandbox is left (EBUSY otherwise).
+
+    Only when no create can run concurrently (provider shutdown): a create that made
+    the parent a moment earlier would otherwise lose it under its feet.
+    """
+    for hierarchy in [*_controllers(), "unified"]:  # crun also makes it in the cgroup2 mount
+        with contextlib.suppress(OSError):
+            os.rmdir(CGROUP_ROOT / hierarchy / PARENT)
+
+
 def leftovers(sandbox_id: str) -> list[str]:
     return [str(_dir(c, sandbox_id)) for c in _controllers() if _dir(c, sandbox_id).is_dir()]
 

@@ -112,6 +112,9 @@ class NativeProvider(Provider):
         return {"type": self.name, "runtime": n.runtime, "runtime_path": self.runtime.path,
                 "subnet": n.bridge_subnet, "allow_inter_sandbox": str(n.allow_inter_sandbox).lower()}
 
+    async def close(self) -> None:
+        cgroups.remove_parent()
+
     async def health(self) -> ProviderHealth:
         t0 = time.perf_counter()
         bad = [p for p in host.check_host(self.settings) if not p.ok and p.name != "ip-forward"]
