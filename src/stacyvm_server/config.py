@@ -82,6 +82,8 @@ class DefaultsConfig(_Section):
     max_memory_mb: int = 8192
     max_vcpus: int = 8
     pids_limit: int = 256
+    disk_mb: int = 0  # writable-layer cap per sandbox; 0 = none
+    max_disk_mb: int = 16384
     network: Literal["none", "bridge"] = "none"
     allowed_networks: list[Literal["none", "bridge"]] = Field(default_factory=lambda: ["none", "bridge"])  # type: ignore[arg-type]
     # Sync exec keeps at most this many bytes per stream, then marks the cut.

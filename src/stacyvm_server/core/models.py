@@ -70,6 +70,7 @@ class Sandbox:
     destroyed_at: datetime | None = None
     error: str | None = None
     handle: SandboxHandle | None = None
+    disk_mb: int | None = None
 
 
 @dataclass
@@ -86,6 +87,7 @@ class SpawnRequest:
     metadata: dict[str, str] = field(default_factory=dict)
     network: str | None = None
     env: dict[str, str] = field(default_factory=dict)
+    disk_mb: int | None = None  # cap on the writable layer; None = the server default
 
 
 @dataclass(frozen=True)

@@ -201,6 +201,11 @@ class SandboxService:
         else:
             ttl = self.limits.parse_duration(d.ttl, "ttl")
         self.limits.check_ttl(ttl, owner)
+        disk = req.disk_mb if req.disk_mb is not None else d.disk_mb
+        if disk < 0:
+            raise BadRequest("disk_mb must be positive")
+        if disk > d.max_disk_mb:
+            raise BadRequest(f"disk_mb {disk} exceeds the maximum of {d.max_disk_mb}")
         network = req.network or d.network
         if network not in d.allowed_networks:
             raise BadRequest(f"network {network!r} is not allowed here (allowed: {', '.join(d.allowed_networks)})")
@@ -222,6 +227,7 @@ class SandboxService:
             owner_id=owner,
             tenant_id=caller.tenant_id,
             metadata=metadata,
+            disk_mb=disk or None,
         )
         return sb, env
 
@@ -284,6 +290,7 @@ class SandboxService:
             network=sb.network,  # type: ignore[arg-type]
             env=env,
             pids_limit=self.settings.defaults.pids_limit,
+            disk_mb=sb.disk_mb,
             labels={"owner": sb.owner_id or "", "expires_at": sb.expires_at.isoformat()},
         )
         async with self._lock(sb.id):

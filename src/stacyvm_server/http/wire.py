@@ -162,6 +162,7 @@ class SpawnBody(_Body):
     metadata: dict[str, str] | None = None
     network: Literal["none", "bridge"] | None = None
     env: dict[str, str] | None = None
+    disk_mb: int | None = Field(default=None, gt=0, le=_MAX_INT)
 
     @field_validator("ttl")
     @classmethod
@@ -190,6 +191,7 @@ class SpawnBody(_Body):
             metadata=dict(self.metadata or {}),
             network=self.network,
             env=dict(self.env or {}),
+            disk_mb=self.disk_mb,
         )
 
 
@@ -431,6 +433,8 @@ def sandbox_json(sb: Sandbox, preview_domain: str) -> dict[str, Any]:
     if preview_domain:
         out["preview_domain"] = preview_domain
     out["network"] = sb.network
+    if sb.disk_mb:
+        out["disk_mb"] = sb.disk_mb
     if sb.reason is not None and sb.state in (State.DESTROYED, State.ERROR, State.STOPPING):
         out["reason"] = str(sb.reason)
     return out

@@ -68,6 +68,7 @@ def _to_sandbox(row: SandboxRow) -> Sandbox:
         destroyed_at=row.destroyed_at,
         error=row.error,
         handle=handle,
+        disk_mb=row.disk_mb,
     )
 
 
@@ -160,6 +161,7 @@ class Store:
             destroyed_at=sb.destroyed_at,
             metadata_=sb.metadata,
             handle=asdict(sb.handle) if sb.handle else None,
+            disk_mb=sb.disk_mb,
         )
 
     def save_sandbox(self, sb: Sandbox) -> None:

@@ -50,6 +50,7 @@ class SandboxRow(Base):
     destroyed_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", JSON, default=dict)
     handle: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    disk_mb: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 
 class TemplateRow(Base):

@@ -168,6 +168,16 @@ class NativeProvider(Provider):
         _write_json(d / "meta.json", meta)
 
         rootfs, upper, work = d / "rootfs", d / "upper", d / "work"
+        if spec.disk_mb:
+            # A size-capped writable layer: upper and work on a tmpfs of disk_mb (overlay
+            # needs both on one filesystem). Its pages are charged to the writer's memory
+            # cgroup, so written files also count against memory_mb (docs/native-provider.md).
+            layer = d / "layer"
+            layer.mkdir()
+            flags, opts = syscalls.MS_NOSUID | syscalls.MS_NODEV, f"size={spec.disk_mb}m,mode=755"
+            await asyncio.to_thread(syscalls.mount, "tmpfs", str(layer), "tmpfs", flags, opts)
+            handle.data["disk_mb"] = str(spec.disk_mb)
+            upper, work = layer / "upper", layer / "work"
         for p in (rootfs, upper, work):
             p.mkdir()
         # The merged root's owner and mode come from the upper dir: make it the
@@ -241,8 +251,9 @@ class NativeProvider(Provider):
         # A runtime that failed half-way may leave processes or cgroups behind.
         await asyncio.to_thread(_kill_cgroup, sid)
         await asyncio.to_thread(cgroups.remove, sid)
-        with contextlib.suppress(OSError):
-            await asyncio.to_thread(syscalls.umount, str(d / "rootfs"))
+        for mountpoint in (d / "rootfs", d / "layer"):  # the merged root first, then its tmpfs layer
+            with contextlib.suppress(OSError):
+                await asyncio.to_thread(syscalls.umount, str(mountpoint))
         try:
             await asyncio.to_thread(network.destroy_netns, sid)
         except Exception as exc:
