@@ -126,6 +126,26 @@ class NativeConfig(_Section):
     allow_inter_sandbox: bool = False
 
 
+class PreviewConfig(_Section):
+    """The preview proxy (docs/preview.md)."""
+
+    model_config = SettingsConfigDict(env_prefix="STACYVM_PREVIEW_", extra="forbid")
+    enabled: bool = True
+    # Host header sent to the sandbox's server: "localhost" sends localhost:<port>
+    # (dev servers such as Vite or webpack reject unknown hosts); "original" passes
+    # the preview host through.
+    host_header: Literal["original", "localhost"] = "localhost"
+    token_ttl: str = "1h"  # default token lifetime
+    max_token_ttl: str = "24h"
+    # URLs handed out: "https://{host}" behind a TLS proxy; unset means http://{host}:<server.port>/.
+    public_url: str | None = None
+
+    @field_validator("token_ttl", "max_token_ttl")
+    @classmethod
+    def _check_duration(cls, v: Any, info: Any) -> str:
+        return _duration(v, info.field_name)
+
+
 class EventsConfig(_Section):
     model_config = SettingsConfigDict(env_prefix="STACYVM_EVENTS_", extra="forbid")
     history: int = 1000
@@ -138,6 +158,7 @@ class Settings(BaseModel):
     images: ImagesConfig = Field(default_factory=ImagesConfig)
     native: NativeConfig = Field(default_factory=NativeConfig)
     events: EventsConfig = Field(default_factory=EventsConfig)
+    preview: PreviewConfig = Field(default_factory=PreviewConfig)
 
     @property
     def images_dir(self) -> Path:
@@ -159,6 +180,7 @@ _SECTIONS: dict[str, type[BaseSettings]] = {
     "images": ImagesConfig,
     "native": NativeConfig,
     "events": EventsConfig,
+    "preview": PreviewConfig,
 }
 
 

@@ -74,3 +74,13 @@ class ImageError(StacyError):
 
 class ImageNotFound(ImageError):
     code, status = "not_found", 404
+
+
+class BadGateway(StacyError):
+    """The preview proxy could not talk to the sandbox's server."""
+
+    code, status = "bad_gateway", 502
+
+
+class PortClosed(BadGateway):
+    """Nothing listens on the port a preview asked for."""

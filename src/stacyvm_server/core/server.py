@@ -16,6 +16,7 @@ from stacyvm_server.core.limits import Limits
 from stacyvm_server.core.metrics import Metrics
 from stacyvm_server.core.models import utcnow
 from stacyvm_server.core.owners import Owners
+from stacyvm_server.core.previews import PreviewService
 from stacyvm_server.core.quotas import QuotaService
 from stacyvm_server.core.reaper import Reaper
 from stacyvm_server.core.reconcile import reconcile
@@ -66,6 +67,8 @@ class Core:
         )
         self.templates = TemplateService(self.store)
         self.quotas = QuotaService(self.store, self.limits, self.events)
+        self.previews = PreviewService(settings.preview, settings.server.preview_domain, settings.server.data_dir,
+                                       self.sandboxes)
         self._failed_providers: dict[str, str] = {}
 
     def _wake_reaper(self) -> None:

@@ -20,7 +20,18 @@ from stacyvm_server.http.middleware import (
     CorsMiddleware,
     RequestIdMiddleware,
 )
-from stacyvm_server.http.routes import events, execution, files, providers, quotas, sandboxes, system, templates
+from stacyvm_server.http.preview import PreviewProxy
+from stacyvm_server.http.routes import (
+    events,
+    execution,
+    files,
+    previews,
+    providers,
+    quotas,
+    sandboxes,
+    system,
+    templates,
+)
 from stacyvm_server.http.wire import describe_errors
 
 if TYPE_CHECKING:
@@ -98,6 +109,7 @@ def create_app(core: Core) -> FastAPI:
 
     for module in (system, sandboxes, execution, files, templates, providers, quotas, events):
         app.include_router(module.router, prefix=API_PREFIX)
+    app.include_router(previews.router, prefix=API_PREFIX)
 
     @app.get(API_PREFIX + "/openapi.json", include_in_schema=False)
     async def openapi(_: Any = Depends(get_caller)) -> JSONResponse:
@@ -109,4 +121,6 @@ def create_app(core: Core) -> FastAPI:
     app.add_middleware(BodyLimitMiddleware, max_bytes=server.max_body_bytes)
     app.add_middleware(CorsMiddleware, allowed_origins=list(server.cors_allowed_origins))
     app.add_middleware(RequestIdMiddleware)
+    # Outermost: preview hosts and /preview/ paths never reach API auth, CORS or the body limit.
+    app.add_middleware(PreviewProxy, core=core)
     return app

@@ -10,10 +10,13 @@ missing files, `ImageError`/`ImageNotFound` for images.
 from __future__ import annotations
 
 import abc
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal
+
+from stacyvm_server.errors import Unavailable
 
 NetworkMode = Literal["none", "bridge"]
 StreamName = Literal["stdout", "stderr"]
@@ -198,3 +201,13 @@ class Provider(abc.ABC):
     @abc.abstractmethod
     async def logs(self, handle: SandboxHandle, lines: int) -> list[str]:
         """Last `lines` lines of the sandbox's main process output."""
+
+    # preview -------------------------------------------------------------------
+    async def connect(self, handle: SandboxHandle, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A TCP connection to `port` inside the sandbox, as the sandbox itself sees it.
+
+        It must reach servers bound to 127.0.0.1 inside the sandbox as well as 0.0.0.0,
+        in every network mode. Raise `PortClosed` when nothing listens there.
+        Providers without preview support keep this default.
+        """
+        raise Unavailable(f"preview is not supported by the {self.name} provider")

@@ -104,11 +104,21 @@ def rlimits() -> list[dict[str, Any]]:
     ]
 
 
-def process(args: list[str], env: list[str], cwd: str, uid: int, gid: int) -> dict[str, Any]:
-    """The OCI process object; also used for `exec --process`."""
+def process(
+    args: list[str], env: list[str], cwd: str, uid: int, gid: int, tty_size: tuple[int, int] | None = None
+) -> dict[str, Any]:
+    """The OCI process object; also used for `exec --process`.
+
+    With tty_size (rows, cols) the process gets a pseudo-terminal of that size
+    as its stdio and controlling terminal (the runtime needs a console socket).
+    """
     caps = list(KEPT_CAPS)
+    extra: dict[str, Any] = {}
+    if tty_size is not None:
+        extra["consoleSize"] = {"height": tty_size[0], "width": tty_size[1]}
     return {
-        "terminal": False,
+        **extra,
+        "terminal": tty_size is not None,
         "user": {"uid": uid, "gid": gid},
         "args": args,
         "env": env,

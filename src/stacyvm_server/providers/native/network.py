@@ -29,6 +29,7 @@ import errno
 import hashlib
 import ipaddress
 import os
+import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -248,3 +249,32 @@ def host_links() -> list[str]:
 
     with IPRoute() as ipr:
         return [str(link.get_attr("IFLA_IFNAME")) for link in ipr.get_links()]
+
+
+def socket_in_netns(path: str) -> socket.socket:
+    """Blocking. A TCP socket created inside the netns at `path` (preview connections).
+
+    A socket belongs to the netns it was created in, whatever thread uses it later,
+    so a short-lived thread enters the netns, makes the socket, and goes back to
+    the original netns before it ends (the thread is discarded either way). Connect
+    it to 127.0.0.1:port and it reaches the sandbox's loopback: no route, no NAT.
+    """
+
+    def make() -> socket.socket:
+        own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+        try:
+            target = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            os.close(own)
+            raise
+        try:
+            syscalls.setns(target, syscalls.CLONE_NEWNET)
+            try:
+                return socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            finally:
+                syscalls.setns(own, syscalls.CLONE_NEWNET)
+        finally:
+            os.close(target)
+            os.close(own)
+
+    return _in_thread(make)

@@ -107,17 +107,20 @@ class NativeExecProcess(ExecProcess):
         exit_reason: Callable[[int], Awaitable[str | None]],
         inner_pid_file: Path | None = None,
         inner_kill: Callable[[int], Awaitable[None]] | None = None,
+        inner_signal: Callable[[int, int], Awaitable[None]] | None = None,
     ) -> None:
         # Either the host-side session kill (crun, runc), or, when inner_kill
         # is given (runsc), a kill of the session run inside the sandbox.
         self._inner_pid_file = inner_pid_file if inner_kill is not None else None
         self._inner_kill = inner_kill
+        self._inner_signal = inner_signal  # runsc: (pid in the sandbox, signal)
         self._proc = proc
         self._sandbox_id = sandbox_id
         self._pid_file = pid_file
         self._cleanup = cleanup
         self._exit_reason = exit_reason
         self._sid: int | None = None  # host session id (crun, runc)
+        self._pid: int | None = None  # host pid of the exec's main process (crun, runc)
         self._inner_sid: int | None = None  # session id inside the sandbox (runsc)
         self._killed = False
         self._status: ExitStatus | None = None
@@ -147,6 +150,7 @@ class NativeExecProcess(ExecProcess):
                     pid = 0
                 if pid > 0:
                     self._sid = session_of(pid)
+                    self._pid = pid
                     return
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.02)
@@ -225,6 +229,20 @@ class NativeExecProcess(ExecProcess):
                     break
                 await asyncio.sleep(0.005)
         kill_group(self._proc.pid)  # the runtime client (its own session: start_new_session)
+
+    async def signal(self, sig: int) -> None:
+        """Signal the exec's main process: on the host (crun, runc) or inside the sandbox (runsc)."""
+        if self._proc.returncode is not None:
+            return
+        if self._sid is None and self._inner_sid is None:
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(self._sid_task), 2.0)
+        if self._inner_signal is not None:
+            if self._inner_sid is not None:  # runsc makes the exec a session leader: pid == sid
+                await self._inner_signal(self._inner_sid, sig)
+        elif self._pid is not None and session_of(self._pid) == self._sid:  # still ours, not a reused pid
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self._pid, sig)
 
     async def write_stdin(self, data: bytes) -> None:
         if self._proc.stdin is None:

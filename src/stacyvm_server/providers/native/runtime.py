@@ -67,9 +67,18 @@ class OciRuntime:
             tail = _tail(log)
             raise ProviderError(f"{self.kind} run failed (rc {rc}): {tail}")
 
-    def exec_argv(self, cid: str, process_file: Path, pid_file: Path, inner_pid_file: Path | None = None) -> list[str]:
-        """`exec`; runsc also writes the process's pid inside the sandbox to inner_pid_file."""
+    def exec_argv(
+        self, cid: str, process_file: Path, pid_file: Path, inner_pid_file: Path | None = None,
+        console_socket: Path | None = None,
+    ) -> list[str]:
+        """`exec`; runsc also writes the process's pid inside the sandbox to inner_pid_file.
+
+        With console_socket (the process file says `terminal: true`), the runtime
+        creates a pty in the sandbox and sends its master over that unix socket.
+        """
         extra = ["-internal-pid-file", str(inner_pid_file)] if self.kind == "runsc" and inner_pid_file else []
+        if console_socket is not None:
+            extra += ["-console-socket" if self.kind == "runsc" else "--console-socket", str(console_socket)]
         return [*self._global(), "exec", "--process", str(process_file), "--pid-file", str(pid_file), *extra, cid]
 
     async def exec_quiet(self, cid: str, process_file: Path, timeout: float) -> int:
