@@ -5,6 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh --test
+bash scripts/setup-browser.sh
 
 started_registry=""
 if ! curl -fsS -m 2 -o /dev/null http://127.0.0.1:5000/v2/ 2>/dev/null; then
