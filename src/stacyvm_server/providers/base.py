@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal
 
-from stacyvm_server.errors import Unavailable
+from stacyvm_server.errors import BadRequest, Unavailable
 
 NetworkMode = Literal["none", "bridge"]
 StreamName = Literal["stdout", "stderr"]
@@ -52,7 +52,10 @@ class ExecSpec:
     workdir: str | None = None  # None: the image's WorkingDir, else "/"
     user: str | None = None  # None: the image's User
     stdin: bool = False  # the caller will write stdin (else stdin is /dev/null)
+    # A pseudo-terminal: stdin, stdout and stderr are its slave side, and output()
+    # yields everything as "stdout" (one stream). Providers without one raise BadRequest.
     tty: bool = False
+    tty_size: tuple[int, int] | None = None  # (rows, cols) of the terminal at start
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,14 @@ class ExecProcess(abc.ABC):
 
     @abc.abstractmethod
     async def close_stdin(self) -> None: ...
+
+    async def resize(self, rows: int, cols: int) -> None:
+        """Set the terminal's window size (tty execs only)."""
+        raise BadRequest("this exec has no terminal to resize")
+
+    async def signal(self, sig: int) -> None:
+        """Send signal `sig` to the exec's main process (not to what it started)."""
+        raise BadRequest("this provider cannot signal an exec")
 
 
 @dataclass(frozen=True)

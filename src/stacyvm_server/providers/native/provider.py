@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import socket
+import tempfile
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -43,8 +44,10 @@ from stacyvm_server.providers.base import (
 from stacyvm_server.providers.native import bundle, cgroups, host, network, nft, syscalls
 from stacyvm_server.providers.native.files import CHUNK, SandboxFS
 from stacyvm_server.providers.native.process import KILL_SESSION_SCRIPT, NativeExecProcess, parse_inner_pid
+from stacyvm_server.providers.native.pty import NativeTtyProcess, console_listen, receive_master
 from stacyvm_server.providers.native.runtime import OciRuntime
 from stacyvm_server.providers.native.users import resolve_user
+from stacyvm_server.util.proc import kill_group
 
 # runsc: host tasks of the gVisor sandbox (see NativeProvider._host_pids_limit).
 RUNSC_PIDS_BASE = 64
@@ -323,8 +326,9 @@ class NativeProvider(Provider):
     async def exec(self, handle: SandboxHandle, spec: ExecSpec) -> ExecProcess:
         if not spec.argv:
             raise BadRequest("argv must not be empty")
-        if spec.tty:
-            raise BadRequest("the native provider does not offer a TTY for exec")
+        if spec.tty and self.runtime.kind != "crun":
+            # runc and runsc never connected to the console socket here (docs/interactive.md).
+            raise BadRequest(f"terminal execs need the crun runtime (this server runs {self.runtime.kind})")
         box = self._box(handle)
         uid, gid = await asyncio.to_thread(resolve_user, box.fs, spec.user or box.user)
         env = _merge_env(box.env, spec.env)
@@ -333,24 +337,48 @@ class NativeProvider(Provider):
         base = box.dir / "exec" / f"{os.getpid()}-{self._exec_seq}"
         proc_file, pid_file = base.with_suffix(".json"), base.with_suffix(".pid")
         inner_pid_file = base.with_suffix(".ipid")
-        _write_json(proc_file, bundle.process(list(spec.argv), env, cwd, uid, gid))
+        tty_size = (spec.tty_size or (24, 80)) if spec.tty else None
+        _write_json(proc_file, bundle.process(list(spec.argv), env, cwd, uid, gid, tty_size))
         oom_before = cgroups.oom_kills(box.sandbox_id)
+        # A terminal exec: the runtime sends the pty master over this socket (pty.py).
+        # A short private directory: unix socket paths are limited to 108 bytes.
+        tty_dir = Path(tempfile.mkdtemp(prefix="stacyvm-tty-")) if spec.tty else None
+        console = tty_dir / "console.sock" if tty_dir is not None else None
+        listener = console_listen(console) if console is not None else None
+        master: int | None = None
         try:
-            proc = await asyncio.create_subprocess_exec(
-                *self.runtime.exec_argv(box.sandbox_id, proc_file, pid_file, inner_pid_file),
-                stdin=asyncio.subprocess.PIPE if spec.stdin else asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                start_new_session=True,  # so kill() can take the runtime client's group down
-            )
-        except OSError as exc:
-            proc_file.unlink(missing_ok=True)
-            raise ProviderError(f"cannot start {self.runtime.kind} exec: {exc}") from exc
+            try:
+                proc = await asyncio.create_subprocess_exec(
+                    *self.runtime.exec_argv(box.sandbox_id, proc_file, pid_file, inner_pid_file, console),
+                    stdin=asyncio.subprocess.PIPE if spec.stdin and not spec.tty else asyncio.subprocess.DEVNULL,
+                    stdout=asyncio.subprocess.DEVNULL if spec.tty else asyncio.subprocess.PIPE,
+                    stderr=asyncio.subprocess.PIPE,
+                    start_new_session=True,  # so kill() can take the runtime client's group down
+                )
+            except OSError as exc:
+                proc_file.unlink(missing_ok=True)
+                raise ProviderError(f"cannot start {self.runtime.kind} exec: {exc}") from exc
+            if listener is not None:
+                try:
+                    master = await receive_master(listener, proc, timeout=30)
+                except BaseException:
+                    kill_group(proc.pid)
+                    await proc.wait()
+                    proc_file.unlink(missing_ok=True)
+                    raise
+        finally:
+            if listener is not None:
+                listener.close()
+            if tty_dir is not None:
+                shutil.rmtree(tty_dir, ignore_errors=True)
 
         async def exit_reason(rc: int) -> str | None:
             return "oom" if cgroups.oom_kills(box.sandbox_id) > oom_before else None
 
         if self.runtime.kind != "runsc":
+            if master is not None:
+                return NativeTtyProcess(proc, box.sandbox_id, pid_file, [proc_file, pid_file], exit_reason,
+                                        master=master)
             return NativeExecProcess(proc, box.sandbox_id, pid_file, [proc_file, pid_file], exit_reason)
 
         # Under runsc the exec's processes live inside the Sentry, not on the
@@ -358,8 +386,26 @@ class NativeProvider(Provider):
         async def inner_kill(inner_sid: int) -> None:
             await self._kill_inner_session(box, inner_sid)
 
-        return NativeExecProcess(proc, box.sandbox_id, pid_file, [proc_file, pid_file, inner_pid_file],
-                                 exit_reason, inner_pid_file=inner_pid_file, inner_kill=inner_kill)
+        async def inner_signal(inner_pid: int, sig: int) -> None:
+            await self._signal_inner(box, inner_pid, sig)
+
+        cls = NativeExecProcess if master is None else NativeTtyProcess
+        extra = {} if master is None else {"master": master}
+        return cls(proc, box.sandbox_id, pid_file, [proc_file, pid_file, inner_pid_file], exit_reason,
+                   inner_pid_file=inner_pid_file, inner_kill=inner_kill, inner_signal=inner_signal, **extra)
+
+    async def _signal_inner(self, box: _Box, inner_pid: int, sig: int) -> None:
+        """Send `sig` to pid `inner_pid` inside the sandbox (runsc), with the host's busybox as root."""
+        if parse_inner_pid(str(inner_pid)) is None or not 0 < sig < 65:
+            return
+        self._exec_seq += 1
+        kfile = box.dir / "exec" / f"{os.getpid()}-{self._exec_seq}-signal.json"
+        argv = [bundle.BUSYBOX, "kill", f"-{sig}", str(inner_pid)]
+        _write_json(kfile, bundle.process(argv, [f"PATH={bundle.PATH_DEFAULT}"], "/", 0, 0))
+        try:
+            await self.runtime.exec_quiet(box.sandbox_id, kfile, timeout=10)
+        finally:
+            kfile.unlink(missing_ok=True)
 
     async def _kill_inner_session(self, box: _Box, inner_sid: int) -> None:
         """SIGKILL every process of session inner_sid inside the sandbox (runsc).
