@@ -126,6 +126,36 @@ class NativeConfig(_Section):
     allow_inter_sandbox: bool = False
 
 
+# Docker's default capability set minus what sandboxes rarely need (MKNOD, NET_RAW,
+# SETFCAP, SETPCAP, SYS_CHROOT, AUDIT_WRITE). See docs/docker-provider.md.
+DOCKER_DEFAULT_CAPS = ["CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "SETGID", "SETUID",
+                       "NET_BIND_SERVICE"]
+
+
+class DockerConfig(_Section):
+    model_config = SettingsConfigDict(env_prefix="STACYVM_DOCKER_", extra="forbid")
+    # Off by default: a server must start without dockerd.
+    enabled: bool = False
+    socket: str = "/var/run/docker.sock"
+    runtime: Literal["runc", "crun", "runsc", "kata-runtime"] = "runc"
+    # Runtimes an operator allows (the server's `runtime` is always allowed).
+    allowed_runtimes: list[Literal["runc", "crun", "runsc", "kata-runtime"]] = Field(
+        default_factory=lambda: ["runc"])  # type: ignore[arg-type]
+    # Our own bridge network for network "bridge" (created when missing).
+    network: str = "stacyvm"
+    bridge_name: str = "stacyvm0"
+    subnet: str = "10.89.0.0/16"
+    # Sandboxes may reach each other over the bridge only when this is set.
+    allow_inter_sandbox: bool = False
+    # Read-only root filesystem; /tmp and /workspace are then writable anonymous volumes.
+    readonly_rootfs: bool = False
+    cap_add: list[str] = Field(default_factory=lambda: list(DOCKER_DEFAULT_CAPS))
+    # A static busybox bind-mounted read-only at /.stacyvm/busybox: file operations
+    # and the main process use it, so images need not ship any tools.
+    helper_busybox: str = "/bin/busybox"
+    pull_timeout: float = 600.0
+
+
 class PreviewConfig(_Section):
     """The preview proxy (docs/preview.md)."""
 
@@ -157,6 +187,7 @@ class Settings(BaseModel):
     defaults: DefaultsConfig = Field(default_factory=DefaultsConfig)
     images: ImagesConfig = Field(default_factory=ImagesConfig)
     native: NativeConfig = Field(default_factory=NativeConfig)
+    docker: DockerConfig = Field(default_factory=DockerConfig)
     events: EventsConfig = Field(default_factory=EventsConfig)
     preview: PreviewConfig = Field(default_factory=PreviewConfig)
 
@@ -179,6 +210,7 @@ _SECTIONS: dict[str, type[BaseSettings]] = {
     "defaults": DefaultsConfig,
     "images": ImagesConfig,
     "native": NativeConfig,
+    "docker": DockerConfig,
     "events": EventsConfig,
     "preview": PreviewConfig,
 }

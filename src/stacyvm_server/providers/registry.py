@@ -14,4 +14,8 @@ def build_providers(settings: Settings, images: ImageStore) -> dict[str, Provide
         from stacyvm_server.providers.native.provider import NativeProvider
 
         providers["native"] = NativeProvider(settings, images)
+    if settings.docker.enabled:
+        from stacyvm_server.providers.docker.provider import DockerProvider
+
+        providers["docker"] = DockerProvider(settings)
     return providers

@@ -1,0 +1,171 @@
+"""A small Docker Engine API client over the unix socket (API v1.41, Docker 20.10+).
+
+Plain requests and streamed bodies go through httpx (already a server
+dependency); `exec start` needs the connection itself (a hijacked, bidirectional
+stream for stdin), so `ExecStream` speaks that one request by hand. Why not
+aiodocker: its archive helpers buffer whole tarballs in memory and its exec
+stream cannot half-close stdin without reaching into private attributes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import struct
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+
+from stacyvm_server.errors import ProviderError
+
+API_VERSION = "v1.41"
+STDOUT, STDERR = 1, 2
+
+
+class DockerAPIError(ProviderError):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"docker API {status}: {message}")
+        self.http_status = status
+        self.docker_message = message
+
+
+def _error_message(resp_body: bytes) -> str:
+    try:
+        return str(json.loads(resp_body).get("message", "")) or resp_body.decode(errors="replace")
+    except ValueError:
+        return resp_body.decode(errors="replace").strip()
+
+
+class DockerClient:
+    def __init__(self, socket_path: str, timeout: float = 60.0) -> None:
+        self.socket_path = socket_path
+        transport = httpx.AsyncHTTPTransport(uds=socket_path, retries=0)
+        limits = httpx.Limits(max_connections=64, max_keepalive_connections=16)
+        self._http = httpx.AsyncClient(transport=transport, base_url=f"http://docker/{API_VERSION}",
+                                       timeout=timeout, limits=limits,
+                                       # Archives stream as-is; gzip would cost CPU on both sides.
+                                       headers={"Accept-Encoding": "identity"})
+
+    async def close(self) -> None:
+        await self._http.aclose()
+
+    async def request(self, method: str, path: str, *, params: dict[str, Any] | None = None,
+                      body: Any = None, timeout: float | None = None, ok: tuple[int, ...] = ()) -> Any:
+        """One JSON request. Returns the decoded body (or None); raises DockerAPIError on >= 400.
+
+        Statuses in `ok` are returned as None instead of raising (e.g. 404 on delete).
+        """
+        try:
+            resp = await self._http.request(
+                method, path, params=params, json=body,
+                timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT)
+        except httpx.TransportError as exc:
+            raise ProviderError(f"docker daemon at {self.socket_path} unreachable: {exc}") from exc
+        if resp.status_code in ok:
+            return None
+        if resp.status_code >= 400:
+            raise DockerAPIError(resp.status_code, _error_message(resp.content))
+        if not resp.content:
+            return None
+        if resp.headers.get("content-type", "").startswith("application/json"):
+            return resp.json()
+        return resp.content
+
+    async def head(self, path: str, params: dict[str, Any]) -> httpx.Response:
+        try:
+            return await self._http.head(path, params=params)
+        except httpx.TransportError as exc:
+            raise ProviderError(f"docker daemon at {self.socket_path} unreachable: {exc}") from exc
+
+    @asynccontextmanager
+    async def stream(self, method: str, path: str, *, params: dict[str, Any] | None = None,
+                     content: Any = None, headers: dict[str, str] | None = None,
+                     timeout: float | None = None) -> AsyncIterator[httpx.Response]:
+        """A streamed request/response; raises DockerAPIError on >= 400 (body read first)."""
+        try:
+            async with self._http.stream(method, path, params=params, content=content, headers=headers,
+                                         timeout=httpx.Timeout(timeout, connect=10.0)) as resp:
+                if resp.status_code >= 400:
+                    raise DockerAPIError(resp.status_code, _error_message(await resp.aread()))
+                yield resp
+        except httpx.TransportError as exc:
+            raise ProviderError(f"docker daemon at {self.socket_path}: {exc}") from exc
+
+    async def exec_start(self, exec_id: str) -> ExecStream:
+        return await ExecStream.open(self.socket_path, exec_id)
+
+
+class ExecStream:
+    """The hijacked connection of `POST /exec/{id}/start`: multiplexed output, raw stdin."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    @classmethod
+    async def open(cls, socket_path: str, exec_id: str) -> ExecStream:
+        try:
+            reader, writer = await asyncio.open_unix_connection(socket_path, limit=1 << 20)
+        except OSError as exc:
+            raise ProviderError(f"docker daemon at {socket_path} unreachable: {exc}") from exc
+        body = b'{"Detach": false, "Tty": false}'
+        writer.write(
+            f"POST /{API_VERSION}/exec/{exec_id}/start HTTP/1.1\r\nHost: docker\r\n"
+            f"Content-Type: application/json\r\nConnection: Upgrade\r\nUpgrade: tcp\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        await writer.drain()
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError) as exc:
+            writer.close()
+            raise ProviderError(f"docker exec start: no response header ({exc})") from exc
+        status_line = head.split(b"\r\n", 1)[0].decode(errors="replace")
+        parts = status_line.split(" ", 2)
+        if len(parts) < 2 or parts[1] not in ("101", "200"):
+            rest = b""
+            try:
+                rest = await asyncio.wait_for(reader.read(4096), 2)
+            except TimeoutError:
+                pass
+            writer.close()
+            raise ProviderError(f"docker exec start failed: {status_line} {_error_message(rest)}")
+        return cls(reader, writer)
+
+    async def frames(self) -> AsyncIterator[tuple[int, bytes]]:
+        """(stream, payload) frames until the process's output ends."""
+        while True:
+            try:
+                header = await self.reader.readexactly(8)
+            except asyncio.IncompleteReadError:
+                return
+            kind, size = header[0], struct.unpack(">I", header[4:8])[0]
+            remaining = size
+            while remaining:
+                chunk = await self.reader.read(min(remaining, 1 << 16))
+                if not chunk:
+                    return
+                remaining -= len(chunk)
+                yield kind, chunk
+
+    async def write(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    def close_write(self) -> None:
+        if self.writer.can_write_eof() and not self.writer.is_closing():
+            self.writer.write_eof()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def demux_frames(data: bytes) -> list[tuple[int, bytes]]:
+    """Split a whole multiplexed body (container logs) into frames."""
+    out, i = [], 0
+    while i + 8 <= len(data):
+        kind, size = data[i], struct.unpack(">I", data[i + 4 : i + 8])[0]
+        out.append((kind, data[i + 8 : i + 8 + size]))
+        i += 8 + size
+    return out

@@ -1,0 +1,147 @@
+"""One `docker exec`: demultiplexed output, stdin, exit status, and a kill that takes the tree.
+
+Docker (runc, crun) starts every exec'd process as a session leader (runc's
+init calls setsid), and everything it starts stays in that session unless it
+calls setsid itself. `exec inspect` reports the leader's host pid, which is
+also the session id the host sees. kill() SIGKILLs, from the host, every
+process of that session that is in the container's cgroup, until none is left:
+orphans re-parented to the container's init are still found, and nothing
+outside the container can be hit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+from stacyvm_server.errors import ProviderError
+from stacyvm_server.providers.base import ExecProcess, ExitStatus, StreamName
+from stacyvm_server.providers.docker.client import STDERR, DockerAPIError, DockerClient, ExecStream
+
+ExitReason = Callable[[int], Awaitable[str | None]]
+
+
+class DockerExecProcess(ExecProcess):
+    def __init__(self, client: DockerClient, exec_id: str, stream: ExecStream, container_id: str,
+                 exit_reason: ExitReason, has_stdin: bool) -> None:
+        self.client = client
+        self.exec_id = exec_id
+        self.stream = stream
+        self.container_id = container_id
+        self._exit_reason = exit_reason
+        self._has_stdin = has_stdin
+        self._status: ExitStatus | None = None
+        self._killed = False
+        self._output_done = asyncio.Event()
+        if not has_stdin:
+            stream.close_write()
+
+    async def output(self) -> AsyncIterator[tuple[StreamName, bytes]]:
+        try:
+            async for kind, chunk in self.stream.frames():
+                yield ("stderr" if kind == STDERR else "stdout"), chunk
+        finally:
+            self._output_done.set()
+
+    async def _inspect(self) -> dict[str, object]:
+        try:
+            data = await self.client.request("GET", f"/exec/{self.exec_id}/json", timeout=10)
+        except DockerAPIError as exc:
+            if exc.http_status == 404:  # the container (and its execs) are gone
+                return {"Running": False, "ExitCode": 137, "Pid": 0}
+            raise
+        return dict(data or {})
+
+    async def wait(self) -> ExitStatus:
+        if self._status is not None:
+            return self._status
+        delay = 0.005
+        while True:
+            info = await self._inspect()
+            if not info.get("Running") and info.get("ExitCode") is not None:
+                break
+            # Once the output has ended the exit code follows within milliseconds.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._output_done.wait(), delay)
+            delay = min(delay * 2, 0.1)
+        code = int(info.get("ExitCode") or 0)  # type: ignore[call-overload]
+        sig = code - 128 if 128 < code < 128 + 65 else None
+        reason = await self._exit_reason(code)
+        if reason is None and self._killed:
+            reason = "killed"
+        self._status = ExitStatus(code, sig, reason)
+        self.stream.close()
+        return self._status
+
+    async def kill(self) -> None:
+        if self._status is not None:
+            return
+        self._killed = True
+        info = await self._inspect()
+        pid = int(info.get("Pid") or 0)  # type: ignore[call-overload]
+        if pid > 1 and info.get("Running"):
+            await asyncio.to_thread(kill_session, pid, self.container_id)
+
+    async def signal(self, sig: int) -> None:
+        if self._status is not None:
+            return
+        info = await self._inspect()
+        pid = int(info.get("Pid") or 0)  # type: ignore[call-overload]
+        if pid > 1 and info.get("Running") and pid in await asyncio.to_thread(session_members, pid,
+                                                                               self.container_id):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+
+    async def write_stdin(self, data: bytes) -> None:
+        if not self._has_stdin:
+            raise ProviderError("exec was started without stdin")
+        try:
+            await self.stream.write(data)
+        except (ConnectionError, OSError) as exc:
+            raise ProviderError(f"stdin closed: {exc}") from exc
+
+    async def close_stdin(self) -> None:
+        with contextlib.suppress(OSError):
+            self.stream.close_write()
+
+
+def _session_and_cgroup(pid: int) -> tuple[int, str]:
+    """(session id, cgroup file); session -1 for zombies (dead, waiting to be reaped)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    if fields[0] in ("Z", "X"):
+        return -1, ""
+    return int(fields[3]), Path(f"/proc/{pid}/cgroup").read_text()
+
+
+def session_members(sid: int, container_id: str) -> list[int]:
+    """Host pids in session `sid` that belong to the container's cgroup."""
+    out = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            session, cgroup = _session_and_cgroup(int(name))
+        except (OSError, ValueError, IndexError):
+            continue
+        if session == sid and container_id in cgroup:
+            out.append(int(name))
+    return out
+
+
+def kill_session(sid: int, container_id: str, timeout: float = 5.0) -> None:
+    """SIGKILL the session's processes until none is left (forks racing the kill included)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        victims = session_members(sid, container_id)
+        if not victims:
+            return
+        for pid in victims:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.01)

@@ -1,0 +1,530 @@
+"""The docker provider: one container per sandbox through the Docker Engine API.
+
+A sandbox is the container `stacyvm-<sandbox id>`, labelled `stacyvm.sandbox_id`,
+`stacyvm.instance` (which server owns it) and `stacyvm.<label>` for every spec
+label (`stacyvm.owner`, `stacyvm.expires_at`, ...). Its main process is
+`sleep` from our static busybox (bind-mounted read-only at /.stacyvm/busybox)
+under Docker's init, so any image works, even one without a shell.
+Everything else lives in Docker: no host state of ours per sandbox.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import posixpath
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from fnmatch import fnmatchcase
+from pathlib import Path
+from typing import Any
+
+from stacyvm_server.config import Settings
+from stacyvm_server.errors import BadRequest, ImageError, ImageNotFound, ProviderError, SandboxFileError
+from stacyvm_server.providers.base import (
+    ExecProcess,
+    ExecSpec,
+    FileInfo,
+    InventoryItem,
+    Provider,
+    ProviderHealth,
+    RuntimeState,
+    SandboxHandle,
+    SandboxSpec,
+    SandboxStats,
+)
+from stacyvm_server.providers.docker import files, network
+from stacyvm_server.providers.docker.client import DockerAPIError, DockerClient, demux_frames
+from stacyvm_server.providers.docker.process import DockerExecProcess
+
+log = logging.getLogger(__name__)
+
+LABEL = "stacyvm."
+ID_LABEL = "stacyvm.sandbox_id"
+INSTANCE_LABEL = "stacyvm.instance"
+NETWORK_LABEL = "stacyvm.network_mode"
+_INTERNAL = {ID_LABEL, INSTANCE_LABEL, NETWORK_LABEL}
+MAIN_CMD = [files.HELPER, "sleep", "2147483647"]
+RW_VOLUMES = ("/tmp", "/workspace")  # writable in a read-only root (anonymous volumes)
+
+
+def container_name(sandbox_id: str) -> str:
+    return f"stacyvm-{sandbox_id}"
+
+
+def _split_ref(ref: str) -> tuple[str, str]:
+    """(fromImage, tag) for the pull API; digests stay in fromImage."""
+    if "@" in ref:
+        return ref, ""
+    name, _, tag = ref.rpartition(":")
+    if name and "/" not in tag:
+        return name, tag
+    return ref, "latest"
+
+
+class DockerProvider(Provider):
+    name = "docker"
+    capabilities = ("spawn", "exec", "exec_stream", "stdin", "files", "health", "runtime_inventory",
+                    "network_none", "network_bridge", "oom_reason")
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.cfg = settings.docker
+        self.client = DockerClient(self.cfg.socket)
+        # Which server's containers these are: two servers on one dockerd never adopt each other's.
+        self.instance = hashlib.sha256(str(settings.server.data_dir.resolve()).encode()).hexdigest()[:16]
+        self._pulls: dict[str, asyncio.Future[None]] = {}
+        self._ids: dict[str, str] = {}  # sandbox id -> container id
+        self._memcg: dict[str, Path | None] = {}
+        self.bridge = self.cfg.bridge_name
+
+    # provider-wide ---------------------------------------------------------------
+    async def start(self) -> None:
+        try:
+            await self.client.request("GET", "/_ping", timeout=5)
+        except ProviderError as exc:
+            raise ProviderError(f"docker provider: {exc}. Start dockerd (scripts/setup-docker.sh).") from exc
+        info = await self.client.request("GET", "/info")
+        runtimes = set((info or {}).get("Runtimes") or {})
+        if self.cfg.runtime not in runtimes:
+            raise ProviderError(f"docker provider: runtime {self.cfg.runtime!r} is not registered in dockerd "
+                                f"(has {', '.join(sorted(runtimes))}); see /etc/docker/daemon.json")
+        self.bridge = await network.ensure_network(self.client, self.cfg)
+        await network.ensure_firewall(self.bridge)
+
+    async def close(self) -> None:
+        await self.client.close()
+
+    def describe(self) -> dict[str, str]:
+        c = self.cfg
+        return {"type": self.name, "socket": c.socket, "runtime": c.runtime, "network": c.network,
+                "subnet": c.subnet, "allow_inter_sandbox": str(c.allow_inter_sandbox).lower(),
+                "readonly_rootfs": str(c.readonly_rootfs).lower()}
+
+    async def health(self) -> ProviderHealth:
+        t0 = time.perf_counter()
+        try:
+            await self.client.request("GET", "/_ping", timeout=5)
+        except ProviderError as exc:
+            return ProviderHealth(False, str(exc), (time.perf_counter() - t0) * 1000)
+        return ProviderHealth(True, None, (time.perf_counter() - t0) * 1000)
+
+    # images ------------------------------------------------------------------------
+    async def ensure_image(self, ref: str) -> str:
+        ref = self.settings.images.aliases.get(ref, ref)
+        if await self.client.request("GET", f"/images/{ref}/json", ok=(404,)) is not None:
+            return ref
+        fut = self._pulls.get(ref)
+        if fut is None:
+            fut = asyncio.get_running_loop().create_future()
+            self._pulls[ref] = fut
+            try:
+                await self._pull(ref)
+            except asyncio.CancelledError:
+                fut.cancel()
+                raise
+            except BaseException as exc:
+                fut.set_exception(exc)
+                fut.exception()  # the waiters re-raise it; nobody else has to
+                raise
+            else:
+                fut.set_result(None)
+            finally:
+                self._pulls.pop(ref, None)
+        else:
+            await asyncio.shield(fut)
+        return ref
+
+    async def _pull(self, ref: str) -> None:
+        image, tag = _split_ref(ref)
+        params = {"fromImage": image, **({"tag": tag} if tag else {})}
+        t0 = time.monotonic()
+        log.info("docker: pulling %s", ref)
+        last_status = ""
+        try:
+            async with self.client.stream("POST", "/images/create", params=params,
+                                          timeout=self.cfg.pull_timeout) as resp:
+                async for line in resp.aiter_lines():
+                    if not line.strip():
+                        continue
+                    try:
+                        msg = json.loads(line)
+                    except ValueError:
+                        continue
+                    if "error" in msg:
+                        raise _image_error(ref, str(msg.get("error")))
+                    status = str(msg.get("status", ""))
+                    if status != last_status and "progress" not in msg:
+                        log.info("docker: pull %s: %s %s", ref, msg.get("id", ""), status)
+                        last_status = status
+        except DockerAPIError as exc:
+            raise _image_error(ref, exc.docker_message) from None
+        log.info("docker: pulled %s in %.1f s", ref, time.monotonic() - t0)
+
+    # lifecycle -------------------------------------------------------------------
+    def _container_body(self, spec: SandboxSpec, image: str) -> dict[str, Any]:
+        c = self.cfg
+        labels = {ID_LABEL: spec.sandbox_id, INSTANCE_LABEL: self.instance, NETWORK_LABEL: spec.network}
+        labels.update({LABEL + k: v for k, v in spec.labels.items() if LABEL + k not in _INTERNAL})
+        mem = spec.memory_mb * 1024 * 1024
+        host: dict[str, Any] = {
+            "NetworkMode": c.network if spec.network == "bridge" else "none",
+            "Runtime": c.runtime,
+            "Init": True,  # docker-init (tini) as PID 1 reaps orphans of execs
+            # Security: no capabilities but a documented minimal set (docs/docker-provider.md),
+            # no setuid gains, Docker's default seccomp profile (never "unconfined").
+            "CapDrop": ["ALL"],
+            "CapAdd": list(c.cap_add),
+            "SecurityOpt": ["no-new-privileges:true"],
+            "Privileged": False,
+            "Memory": mem,
+            "MemorySwap": mem,  # no swap on top of the limit
+            "NanoCpus": spec.vcpus * 1_000_000_000,
+            "PidsLimit": spec.pids_limit,
+            "ReadonlyRootfs": c.readonly_rootfs,
+            "Mounts": [{"Type": "bind", "Source": c.helper_busybox, "Target": files.HELPER, "ReadOnly": True}],
+            "LogConfig": {"Type": "json-file", "Config": {"max-size": "10m", "max-file": "1"}},
+            "RestartPolicy": {"Name": "no"},
+        }
+        body: dict[str, Any] = {
+            "Image": image,
+            "Entrypoint": MAIN_CMD[:1],
+            "Cmd": MAIN_CMD[1:],
+            "Env": [f"{k}={v}" for k, v in spec.env.items()],
+            "Hostname": spec.sandbox_id[:63],
+            "Labels": labels,
+            "HostConfig": host,
+            "AttachStdin": False, "AttachStdout": False, "AttachStderr": False, "Tty": False,
+            "NetworkDisabled": spec.network == "none",
+        }
+        if c.readonly_rootfs:
+            body["Volumes"] = {v: {} for v in RW_VOLUMES}
+        return body
+
+    async def create(self, spec: SandboxSpec) -> SandboxHandle:
+        sid = spec.sandbox_id
+        if spec.memory_mb < 6 or spec.vcpus < 1 or spec.pids_limit < 8:
+            raise BadRequest("memory_mb >= 6, vcpus >= 1 and pids_limit >= 8 are required")
+        image = await self.ensure_image(spec.image)
+        name = container_name(sid)
+        handle = SandboxHandle(sid, self.name, {"container": name, "network": spec.network,
+                                                "runtime": self.cfg.runtime})
+        try:
+            created = await self.client.request("POST", "/containers/create", params={"name": name},
+                                                body=self._container_body(spec, image))
+        except DockerAPIError as exc:
+            if exc.http_status == 409:
+                raise ProviderError(f"sandbox {sid} already exists on this docker host") from None
+            if exc.http_status == 404:
+                raise ImageNotFound(f"image {spec.image}: {exc.docker_message}") from None
+            raise
+        handle.data["id"] = created["Id"]
+        try:
+            await self.client.request("POST", f"/containers/{created['Id']}/start", timeout=120)
+        except BaseException:
+            await self._remove(created["Id"])
+            raise
+        self._ids[sid] = created["Id"]
+        return handle
+
+    async def _remove(self, ref: str) -> None:
+        await self.client.request("DELETE", f"/containers/{ref}", params={"force": "1", "v": "1"},
+                                  timeout=120, ok=(404,))
+
+    async def destroy(self, handle: SandboxHandle) -> None:
+        try:
+            await self._remove(handle.data.get("id") or container_name(handle.sandbox_id))
+        except DockerAPIError as exc:
+            if exc.http_status != 409 or "already in progress" not in exc.docker_message:
+                raise
+            await self._wait_gone(handle)
+        self._ids.pop(handle.sandbox_id, None)
+        self._memcg.pop(handle.sandbox_id, None)
+
+    async def _wait_gone(self, handle: SandboxHandle) -> None:
+        for _ in range(600):
+            if await self.client.request("GET", f"/containers/{container_name(handle.sandbox_id)}/json",
+                                         ok=(404,)) is None:
+                return
+            await asyncio.sleep(0.1)
+        raise ProviderError(f"destroy {handle.sandbox_id}: container still present after 60 s")
+
+    async def _inspect(self, handle: SandboxHandle) -> dict[str, Any] | None:
+        ref = handle.data.get("id") or container_name(handle.sandbox_id)
+        data = await self.client.request("GET", f"/containers/{ref}/json", ok=(404,))
+        return data if isinstance(data, dict) else None
+
+    async def state(self, handle: SandboxHandle) -> RuntimeState:
+        data = await self._inspect(handle)
+        if data is None:
+            return RuntimeState(False, None)
+        st = data.get("State") or {}
+        if st.get("Running"):
+            return RuntimeState(True)
+        return RuntimeState(False, "oom" if st.get("OOMKilled") else "crashed")
+
+    async def inventory(self) -> list[InventoryItem]:
+        filters = json.dumps({"label": [ID_LABEL, f"{INSTANCE_LABEL}={self.instance}"]})
+        items = []
+        for c in await self.client.request("GET", "/containers/json", params={"all": "1", "filters": filters}):
+            labels = c.get("Labels") or {}
+            sid = labels.get(ID_LABEL)
+            if not sid:
+                continue
+            user_labels = {k[len(LABEL):]: v for k, v in labels.items()
+                           if k.startswith(LABEL) and k not in _INTERNAL}
+            data = {"container": container_name(sid), "id": c["Id"],
+                    "network": labels.get(NETWORK_LABEL, "none"), "runtime": self.cfg.runtime}
+            items.append(InventoryItem(sid, c.get("State") == "running",
+                                       SandboxHandle(sid, self.name, data), user_labels))
+        return sorted(items, key=lambda i: i.sandbox_id)
+
+    # exec ------------------------------------------------------------------------
+    async def _container_id(self, handle: SandboxHandle) -> str:
+        cid = handle.data.get("id") or self._ids.get(handle.sandbox_id)
+        if cid:
+            return cid
+        data = await self._inspect(handle)
+        if data is None:
+            raise ProviderError(f"sandbox {handle.sandbox_id} not found on this docker host")
+        self._ids[handle.sandbox_id] = data["Id"]
+        return str(data["Id"])
+
+    async def _exec_create(self, cid: str, spec: ExecSpec) -> str:
+        body = {"AttachStdin": spec.stdin, "AttachStdout": True, "AttachStderr": True, "Tty": False,
+                "Cmd": list(spec.argv), "Env": [f"{k}={v}" for k, v in spec.env.items()],
+                "WorkingDir": spec.workdir or "", "User": spec.user or "", "Privileged": False}
+        try:
+            created = await self.client.request("POST", f"/containers/{cid}/exec", body=body)
+        except DockerAPIError as exc:
+            if exc.http_status in (404, 409):
+                raise ProviderError(f"sandbox is not running: {exc.docker_message}") from None
+            raise
+        return str(created["Id"])
+
+    async def exec(self, handle: SandboxHandle, spec: ExecSpec) -> ExecProcess:
+        if not spec.argv:
+            raise BadRequest("argv must not be empty")
+        if spec.tty:
+            raise BadRequest("the docker provider does not offer a TTY for exec yet")
+        cid = await self._container_id(handle)
+        exec_id = await self._exec_create(cid, spec)
+        memcg = await self._memory_cgroup(handle, cid)
+        oom_before = _oom_kills(memcg)
+        stream = await self.client.exec_start(exec_id)
+
+        async def exit_reason(code: int) -> str | None:
+            if code == 137 and memcg is not None and _oom_kills(memcg) > oom_before:
+                return "oom"
+            return None
+
+        return DockerExecProcess(self.client, exec_id, stream, cid, exit_reason, spec.stdin)
+
+    async def _memory_cgroup(self, handle: SandboxHandle, cid: str) -> Path | None:
+        """The container's memory cgroup dir on this host (None if unknown), for OOM accounting."""
+        sid = handle.sandbox_id
+        if sid not in self._memcg:
+            data = await self._inspect(handle)
+            pid = int(((data or {}).get("State") or {}).get("Pid") or 0)
+            self._memcg[sid] = await asyncio.to_thread(_find_memcg, pid) if pid else None
+        return self._memcg[sid]
+
+    async def _helper(self, handle: SandboxHandle, script: str, *args: str) -> tuple[int, bytes, bytes]:
+        """Run a busybox script inside the sandbox as root; (rc, stdout, stderr)."""
+        proc = await self.exec(handle, ExecSpec(argv=[files.HELPER, "sh", "-c", script, "stacyvm", *args],
+                                                user="0:0", workdir="/"))
+        out, err = bytearray(), bytearray()
+        async for name, chunk in proc.output():
+            (out if name == "stdout" else err).extend(chunk)
+        status = await proc.wait()
+        return status.exit_code, bytes(out), bytes(err)
+
+    async def _helper_checked(self, handle: SandboxHandle, script: str, *args: str) -> bytes:
+        rc, out, err = await self._helper(handle, script, *args)
+        if rc != 0:
+            msg = err.decode(errors="replace").strip().splitlines()
+            raise SandboxFileError(msg[-1] if msg else f"file operation failed ({rc})")
+        return out
+
+    # files -----------------------------------------------------------------------
+    async def _path_stat(self, cid: str, path: str) -> dict[str, object] | None:
+        resp = await self.client.head(f"/containers/{cid}/archive", params={"path": path})
+        if resp.status_code == 404:
+            return None
+        if resp.status_code >= 400:
+            raise SandboxFileError(f"{path}: docker archive API {resp.status_code}")
+        header = resp.headers.get("X-Docker-Container-Path-Stat")
+        if not header:
+            raise ProviderError("docker archive API returned no path stat")
+        return files.parse_path_stat(header)
+
+    async def _resolve(self, cid: str, path: str) -> tuple[str, dict[str, object]]:
+        """Follow symlinks (resolved by Docker inside the container) to what they point at."""
+        for _ in range(40):
+            st = await self._path_stat(cid, path)
+            if st is None:
+                raise SandboxFileError(f"no such file or directory: {path}")
+            if not files.is_symlink(st):
+                return path, st
+            path = str(st.get("linkTarget") or "")
+            if not path.startswith("/"):
+                raise SandboxFileError(f"cannot resolve symlink {path!r}")
+        raise SandboxFileError(f"too many levels of symbolic links: {path}")
+
+    async def read_file(self, handle: SandboxHandle, path: str) -> AsyncIterator[bytes]:
+        cid = await self._container_id(handle)
+        real, st = await self._resolve(cid, files.norm(path))
+        if files.is_dir(st):
+            raise SandboxFileError(f"is a directory: {path}")
+        if not files.is_regular(st):
+            raise SandboxFileError(f"not a regular file: {path}")
+        async with self.client.stream("GET", f"/containers/{cid}/archive", params={"path": real}) as resp:
+            async for chunk in files.first_file(resp.aiter_raw(files.CHUNK)):
+                yield chunk
+
+    async def write_file(
+        self, handle: SandboxHandle, path: str, chunks: AsyncIterator[bytes], mode: int = 0o644
+    ) -> int:
+        cid = await self._container_id(handle)
+        p = files.norm(path)
+        parent, name = posixpath.split(p)
+        if not name:
+            raise SandboxFileError(f"not a file path: {path}")
+        # The deepest existing ancestor; the tar creates the missing directories below it.
+        missing: list[str] = []
+        base = parent
+        while True:
+            st = await self._path_stat(cid, base)
+            if st is not None:
+                if files.is_symlink(st):
+                    _, st = await self._resolve(cid, base)
+                if not files.is_dir(st):
+                    raise SandboxFileError(f"not a directory: {base}")
+                break
+            base, part = posixpath.split(base)
+            missing.insert(0, part)
+        rel_dirs = [posixpath.join(*missing[: i + 1]) for i in range(len(missing))]
+        with tempfile.TemporaryFile(prefix="stacyvm-upload-") as spool:
+            size = 0
+            async for chunk in chunks:
+                await asyncio.to_thread(spool.write, chunk)
+                size += len(chunk)
+            await asyncio.to_thread(spool.flush)
+            member = posixpath.join(*missing, name) if missing else name
+            body = files.tar_stream(rel_dirs, member, spool, size, mode & 0o7777)
+            try:
+                async with self.client.stream("PUT", f"/containers/{cid}/archive",
+                                              params={"path": base, "noOverwriteDirNonDir": "true"},
+                                              content=body, headers={"Content-Type": "application/x-tar"},
+                                              timeout=600):
+                    pass
+            except DockerAPIError as exc:
+                raise SandboxFileError(f"write {path}: {exc.docker_message}") from None
+        return size
+
+    async def list_dir(self, handle: SandboxHandle, path: str) -> list[FileInfo]:
+        p = files.norm(path)
+        return files.parse_listing(p, await self._helper_checked(handle, files.LIST_SCRIPT, p))
+
+    async def stat(self, handle: SandboxHandle, path: str) -> FileInfo:
+        p = files.norm(path)
+        st = await self._path_stat(await self._container_id(handle), p)
+        if st is None:
+            raise SandboxFileError(f"no such file or directory: {path}")
+        return files.info_from_stat(p, st)
+
+    async def move(self, handle: SandboxHandle, src: str, dst: str) -> None:
+        await self._helper_checked(handle, files.MOVE_SCRIPT, files.norm(src), files.norm(dst))
+
+    async def chmod(self, handle: SandboxHandle, path: str, mode: int) -> None:
+        await self._helper_checked(handle, files.CHMOD_SCRIPT, f"{mode & 0o7777:o}", files.norm(path))
+
+    async def delete(self, handle: SandboxHandle, path: str, recursive: bool) -> None:
+        await self._helper_checked(handle, files.DELETE_SCRIPT, files.norm(path), "1" if recursive else "0")
+
+    async def glob(self, handle: SandboxHandle, pattern: str) -> list[str]:
+        """Shell-style glob (`*`, `?`, `[..]` per component; no `**`), hidden names only when asked."""
+        parts = [x for x in files.norm(pattern).split("/") if x]
+        current = ["/"]
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            nxt: list[str] = []
+            for d in current:
+                try:
+                    entries = await self.list_dir(handle, d)
+                except SandboxFileError:
+                    continue
+                for e in entries:
+                    base = posixpath.basename(e.path)
+                    if base.startswith(".") and not part.startswith("."):
+                        continue
+                    if fnmatchcase(base, part) and (last or e.is_dir or e.is_symlink):
+                        nxt.append(e.path)
+            current = nxt
+        return sorted(current)
+
+    # observability -----------------------------------------------------------------
+    async def stats(self, handle: SandboxHandle) -> SandboxStats:
+        cid = await self._container_id(handle)
+        try:
+            s = await self.client.request("GET", f"/containers/{cid}/stats",
+                                          params={"stream": "false", "one-shot": "true"}, timeout=30)
+        except DockerAPIError as exc:
+            raise ProviderError(f"stats {handle.sandbox_id}: {exc.docker_message}") from None
+        cpu = ((s.get("cpu_stats") or {}).get("cpu_usage") or {}).get("total_usage") or 0
+        mem = s.get("memory_stats") or {}
+        return SandboxStats(cpu_seconds=cpu / 1e9, mem_bytes=int(mem.get("usage") or 0),
+                            mem_limit_bytes=int(mem.get("limit") or 0),
+                            pids=int((s.get("pids_stats") or {}).get("current") or 0))
+
+    async def logs(self, handle: SandboxHandle, lines: int) -> list[str]:
+        if lines <= 0:
+            return []
+        cid = await self._container_id(handle)
+        raw = await self.client.request("GET", f"/containers/{cid}/logs",
+                                        params={"stdout": "1", "stderr": "1", "tail": str(lines)}, timeout=30)
+        if not raw:
+            return []
+        data = raw if isinstance(raw, bytes) else json.dumps(raw).encode()
+        text = b"".join(chunk for _, chunk in demux_frames(data)).decode(errors="replace")
+        return text.splitlines()[-lines:]
+
+
+def _image_error(ref: str, message: str) -> ImageError:
+    low = message.lower()
+    if any(s in low for s in ("not found", "manifest unknown", "does not exist", "no such image")):
+        return ImageNotFound(f"image {ref} not found: {message}")
+    return ImageError(f"cannot pull image {ref}: {message}")
+
+
+def _find_memcg(pid: int) -> Path | None:
+    """The memory cgroup directory of a host pid: cgroup v1 `memory` or the v2 unified dir."""
+    try:
+        lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if "memory" in controllers.split(","):
+            d = Path("/sys/fs/cgroup/memory") / path.lstrip("/")
+            return d if d.is_dir() else None
+    for line in lines:
+        if line.startswith("0::"):
+            d = Path("/sys/fs/cgroup") / line[3:].lstrip("/")
+            return d if (d / "memory.events").exists() else None
+    return None
+
+
+def _oom_kills(memcg: Path | None) -> int:
+    if memcg is None:
+        return 0
+    for fname in ("memory.oom_control", "memory.events"):
+        with contextlib.suppress(OSError):
+            for line in (memcg / fname).read_text().splitlines():
+                if line.startswith("oom_kill "):
+                    return int(line.split()[1])
+    return 0
