@@ -12,8 +12,16 @@ if ! curl -fsS -m 2 -o /dev/null http://127.0.0.1:5000/v2/ 2>/dev/null; then
     started_registry=1
 fi
 bash scripts/start-registry.sh
-cleanup() { [ -n "$started_registry" ] && bash scripts/stop-registry.sh || true; }
+started_docker=""
+cleanup() {
+    [ -n "$started_registry" ] && bash scripts/stop-registry.sh || true
+    [ -n "$started_docker" ] && bash scripts/stop-docker.sh || true
+}
 trap cleanup EXIT
+# dockerd for the docker provider tests; stopped again at exit if this run started it.
+docker_out=$(bash scripts/setup-docker.sh 2>&1) || echo "test.sh: setup-docker.sh failed; the docker tests will say why they skip"
+echo "$docker_out"
+if grep -q '^setup-docker: started' <<<"$docker_out"; then started_docker=1; fi
 bash scripts/build-test-images.sh
 
 echo "== ruff"; .venv/bin/ruff check src tests bench
