@@ -97,7 +97,9 @@ def _config(data_dir: Path, port: int, auth: dict[str, object] | None) -> dict[s
     }
 
 
-def start_server(root: Path, auth: dict[str, object] | None = None) -> ServerProc:
+def start_server(root: Path, auth: dict[str, object] | None = None,
+                 extra: dict[str, dict[str, object]] | None = None) -> ServerProc:
+    """Start `stacyvm serve`; `extra` adds config sections or keys (e.g. {"docker": {"enabled": True}})."""
     root.mkdir(parents=True, exist_ok=True)
     # Not under pytest's 0700 tmp tree: the sandbox's mapped root must traverse the path.
     # root/data links to it, so a restart with the same root reuses the same data.
@@ -110,7 +112,10 @@ def start_server(root: Path, auth: dict[str, object] | None = None) -> ServerPro
         link.symlink_to(data_dir)
     port = _free_port()
     cfg = root / "stacyvm.yaml"
-    cfg.write_text(yaml.safe_dump(_config(data_dir, port, auth)))
+    config = _config(data_dir, port, auth)
+    for section, values in (extra or {}).items():
+        config[section] = {**dict(config.get(section) or {}), **values}
+    cfg.write_text(yaml.safe_dump(config))
     log_path = root / "server.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("STACYVM_")}
     env["PYTHONUNBUFFERED"] = "1"

@@ -1,0 +1,114 @@
+"""The official `stacyvm` SDK against a live server with the docker provider enabled, plus
+the SIGKILL-and-restart check: sandboxes are adopted, orphans destroyed, nothing leaks."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from stacyvm import Client, SandboxNotFound
+
+from stacyvm_server.config import DockerConfig, ServerConfig, Settings
+from stacyvm_server.ids import new_sandbox_id
+from stacyvm_server.providers.base import SandboxSpec
+from stacyvm_server.providers.docker import DockerProvider
+from tests.conftest import ServerProc, destroy_all, start_server, stop_server
+from tests.providers import docker_fixtures
+from tests.providers.docker_fixtures import DOCKER_BUSYBOX, labelled_containers
+
+docker_daemon = docker_fixtures.docker_daemon
+
+DOCKER_ON = {"docker": {"enabled": True}}
+
+
+@pytest.fixture(scope="module")
+def docker_server(docker_daemon: None, test_images: dict[str, str],
+                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProc]:
+    server = start_server(tmp_path_factory.mktemp("docker-server"), extra=DOCKER_ON)
+    yield server
+    destroy_all(server)
+    stop_server(server)
+    shutil.rmtree(server.data_dir, ignore_errors=True)
+
+
+def test_sdk_spawn_exec_files_destroy(docker_server: ServerProc) -> None:
+    with Client(docker_server.base_url) as client:
+        docker = [p for p in client.providers() if p["name"] == "docker"]
+        assert docker and docker[0]["healthy"] is True
+        sb = client.spawn(image=DOCKER_BUSYBOX, provider="docker", ttl="10m", metadata={"suite": "docker"})
+        try:
+            assert sb.provider == "docker" and sb.state == "running"
+            assert labelled_containers(f"stacyvm.sandbox_id={sb.id}")
+            r = sb.exec("echo hello; echo oops >&2; exit 3")
+            assert (r.stdout, r.stderr, r.exit_code) == ("hello\n", "oops\n", 3)
+            assert sb.exec("echo", args=["a b", "it's"]).stdout == "a b it's\n"
+            assert sb.exec("echo $FOO", env={"FOO": "bar"}).stdout == "bar\n"
+            assert sb.exec("pwd", workdir="/tmp").stdout == "/tmp\n"
+            chunks = list(sb.exec_stream("echo one; echo two >&2; echo three"))
+            assert "".join(c.data for c in chunks if c.stream == "stdout") == "one\nthree\n"
+            assert "".join(c.data for c in chunks if c.stream == "stderr") == "two\n"
+            sb.write_file("/workspace/hello.txt", "hello world")
+            assert sb.read_file("/workspace/hello.txt") == "hello world"
+            sb.write_file("/workspace/sub/nested.log", "nested", mode="0600")
+            names = {f["path"] for f in sb.list_files("/workspace")}
+            assert {"/workspace/hello.txt", "/workspace/sub"} <= names
+            assert sb.glob_files("/workspace/*/*.log") == ["/workspace/sub/nested.log"]
+            assert sb.exec("cat /workspace/sub/nested.log").stdout == "nested"
+            with pytest.raises(Exception):  # noqa: B017 - the SDK's file error class varies by status
+                sb.read_file("/workspace/missing.txt")
+        finally:
+            sb.destroy()
+        with pytest.raises(SandboxNotFound):
+            client.get(sb.id)
+        assert labelled_containers(f"stacyvm.sandbox_id={sb.id}") == []
+
+
+def _orphan(data_dir: Path) -> str:
+    """A container of this server that its store does not know (as if created before a crash)."""
+    settings = Settings(server=ServerConfig(data_dir=data_dir), docker=DockerConfig(enabled=True))
+
+    async def make() -> str:
+        p = DockerProvider(settings)
+        try:
+            h = await p.create(SandboxSpec(new_sandbox_id(), DOCKER_BUSYBOX, 64, 1))
+            return h.sandbox_id
+        finally:
+            await p.close()
+
+    return asyncio.run(make())
+
+
+def test_sigkill_and_restart_adopts_and_leaves_nothing(docker_daemon: None, test_images: dict[str, str],
+                                                       tmp_path_factory: pytest.TempPathFactory) -> None:
+    root = tmp_path_factory.mktemp("docker-kill")
+    server = start_server(root, extra=DOCKER_ON)
+    try:
+        with Client(server.base_url) as client:
+            kept = [client.spawn(image=DOCKER_BUSYBOX, provider="docker", ttl="10m") for _ in range(3)]
+            kept[0].write_file("/workspace/state.txt", "survives")
+        server.proc.send_signal(signal.SIGKILL)
+        server.proc.wait(10)
+        orphan = _orphan(server.data_dir)
+        assert len(labelled_containers()) >= 4
+
+        server = start_server(root, extra=DOCKER_ON)  # same data dir: the store survives
+        with Client(server.base_url) as client:
+            for sb in kept:
+                again = client.get(sb.id)
+                assert again.state == "running"
+                assert again.exec("echo adopted").stdout == "adopted\n"
+            assert client.get(kept[0].id).read_file("/workspace/state.txt") == "survives"
+            assert labelled_containers(f"stacyvm.sandbox_id={orphan}") == []  # reconcile removed it
+        destroy_all(server)
+        stop_server(server)
+        assert labelled_containers() == []  # docker ps -aq --filter label=stacyvm.sandbox_id
+    finally:
+        if server.proc.poll() is None:
+            destroy_all(server)
+            server.proc.kill()
+            server.proc.wait(10)
+        shutil.rmtree(server.data_dir, ignore_errors=True)
