@@ -17,6 +17,7 @@ from stacyvm_server.core.metrics import Metrics
 from stacyvm_server.core.models import utcnow
 from stacyvm_server.core.owners import Owners
 from stacyvm_server.core.previews import PreviewService
+from stacyvm_server.core.processes import ProcessService
 from stacyvm_server.core.quotas import QuotaService
 from stacyvm_server.core.reaper import Reaper
 from stacyvm_server.core.reconcile import reconcile
@@ -65,6 +66,7 @@ class Core:
         self.sandboxes = SandboxService(
             settings, self.store, self.providers, self.events, self.metrics, self.limits, self._wake_reaper
         )
+        self.processes = ProcessService(self.sandboxes, self.events, settings.server.data_dir)
         self.templates = TemplateService(self.store)
         self.quotas = QuotaService(self.store, self.limits, self.events)
         self.previews = PreviewService(settings.preview, settings.server.preview_domain, settings.server.data_dir,
@@ -86,10 +88,12 @@ class Core:
                 log.error("provider %s is unavailable: %s", name, exc)
         self.reaper = Reaper(self.store, self.sandboxes)
         self.reaper.start()
+        self.processes.start_watching()
 
     async def stop(self) -> None:
         if self.reaper is not None:
             await self.reaper.stop()
+        await self.processes.close()  # background processes are not kept across restarts
         self.events.close()
         for provider in self.providers.values():
             try:

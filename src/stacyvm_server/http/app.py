@@ -25,7 +25,9 @@ from stacyvm_server.http.routes import (
     events,
     execution,
     files,
+    interactive,
     previews,
+    processes,
     providers,
     quotas,
     sandboxes,
@@ -110,6 +112,8 @@ def create_app(core: Core) -> FastAPI:
     for module in (system, sandboxes, execution, files, templates, providers, quotas, events):
         app.include_router(module.router, prefix=API_PREFIX)
     app.include_router(previews.router, prefix=API_PREFIX)
+    app.include_router(interactive.router, prefix=API_PREFIX)
+    app.include_router(processes.router, prefix=API_PREFIX)
 
     @app.get(API_PREFIX + "/openapi.json", include_in_schema=False)
     async def openapi(_: Any = Depends(get_caller)) -> JSONResponse:
