@@ -149,6 +149,8 @@ def exec_(
     shell: bool = typer.Option(False, "--shell", help="Run the words as one shell command line"),
     timeout: str | None = typer.Option(None, help="Go duration, e.g. 30s"),
     workdir: str | None = typer.Option(None),
+    interactive: bool = typer.Option(False, "-i", "--interactive", help="Send our stdin (WebSocket)"),
+    tty: bool = typer.Option(False, "-t", "--tty", help="A terminal: raw mode, Ctrl-C and resizes go through"),
     url: str = UrlOpt,
     api_key: str | None = KeyOpt,
     user: str | None = UserOpt,
@@ -157,6 +159,17 @@ def exec_(
     words = [w for w in ctx.args if w != "--"]
     if not words:
         _fail("nothing to run: stacyvm exec SANDBOX -- COMMAND [ARGS...]")
+    if interactive or tty:
+        from stacyvm_server import cli_ws
+
+        start: dict[str, Any] = {"mode": "shell", "command": " ".join(words)} if shell else {
+            "mode": "argv", "command": words[0], "args": words[1:]}
+        if timeout:
+            start["timeout"] = timeout
+        if workdir:
+            start["workdir"] = workdir
+        headers = {k: v for k, v in (("X-API-Key", api_key), ("X-User-ID", user)) if v}
+        raise typer.Exit(cli_ws.run(url, headers, sandbox_id, start, tty))
     body: dict[str, Any] = {"stream": True, "report_exit": True}
     if shell:
         body.update(mode="shell", command=" ".join(words))
