@@ -238,3 +238,27 @@ async def test_expired_token(cors_server: ServerProc) -> None:
     assert await _status(ws_url(cors_server, sid) + "?token=" + old) == 401
     fresh, _ = tokens.issue(Caller(role="api"), sid)
     assert await _status(ws_url(cors_server, sid) + "?token=" + fresh) == 101
+
+
+def _rss_kib(pid: int) -> int:
+    from pathlib import Path
+
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+async def test_slow_client_does_not_grow_server_memory(open_server: ServerProc, box: str) -> None:
+    """A client that stops reading: the process is throttled (flow control), the server buffers nothing."""
+    pid = open_server.proc.pid
+    before = _rss_kib(pid)
+    peak = before
+    async with session(open_server, box, command="yes stacyvm-says-yes") as s:
+        await s._recv(10)  # it runs
+        for _ in range(30):  # 3 s without reading
+            await asyncio.sleep(0.1)
+            peak = max(peak, _rss_kib(pid))
+    growth_mib = (peak - before) / 1024
+    print(f"server RSS {before / 1024:.0f} -> peak {peak / 1024:.0f} MiB while the client did not read")
+    assert growth_mib < 40

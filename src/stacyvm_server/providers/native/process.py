@@ -33,6 +33,7 @@ from stacyvm_server.providers.native import cgroups
 from stacyvm_server.util.proc import kill_group
 
 READ_SIZE = 64 * 1024
+OUTPUT_QUEUE = 8  # chunks between the pipes and output()'s consumer
 
 # `sh -c KILL_SESSION_SCRIPT stacyvm-kill <sid>`, run by busybox ash inside the
 # sandbox: SIGKILL every live process whose session is <sid>, rescanning until
@@ -156,7 +157,9 @@ class NativeExecProcess(ExecProcess):
             delay = min(delay * 2, 0.02)
 
     async def output(self) -> AsyncIterator[tuple[StreamName, bytes]]:
-        queue: asyncio.Queue[tuple[StreamName, bytes] | None] = asyncio.Queue()
+        # Bounded: a slow consumer stops the pumps, the pipes fill, and the process
+        # blocks on write; nothing piles up here.
+        queue: asyncio.Queue[tuple[StreamName, bytes] | None] = asyncio.Queue(OUTPUT_QUEUE)
 
         async def pump(name: StreamName, stream: asyncio.StreamReader | None) -> None:
             try:
@@ -165,8 +168,11 @@ class NativeExecProcess(ExecProcess):
                     if not chunk:
                         break
                     await queue.put((name, chunk))
-            finally:
-                await queue.put(None)
+            except asyncio.CancelledError:
+                raise  # the consumer is gone: nobody waits for the end marker
+            except Exception:  # a broken pipe ends the stream like EOF
+                pass
+            await queue.put(None)
 
         tasks = [
             asyncio.ensure_future(pump("stdout", self._proc.stdout)),
