@@ -94,3 +94,20 @@ class TestTtyOtherRuntimes:
 
         with pytest.raises(BadRequest, match="crun"):
             await provider.exec(sandbox, ExecSpec(["/bin/sh"], stdin=True, tty=True))
+
+
+class SignalChecks:
+    share_sandbox = True
+
+    async def test_signal_main_process(self, provider: Provider, sandbox: SandboxHandle) -> None:
+        await TtyChecks.test_signal_main_process(self, provider, sandbox)  # type: ignore[arg-type]
+
+
+class TestSignalRunc(SignalChecks):
+    runtime = "runc"
+    probe_runtime = staticmethod(_probe_runtime)
+
+
+class TestSignalRunsc(SignalChecks):
+    runtime = "runsc"
+    probe_runtime = staticmethod(_probe_runtime)
