@@ -215,3 +215,30 @@ def test_slow_follower_keeps_memory_bounded(open_server: ServerProc, box: str) -
           f"missed {follower['dropped'] / 2**20:.0f} MiB; server RSS {before / 1024:.0f} -> peak "
           f"{peak / 1024:.0f} MiB")
     assert growth_mib < 40, f"server RSS grew by {growth_mib:.0f} MiB"
+
+
+def test_background_terminal(open_server: ServerProc, box: str) -> None:
+    with api(open_server) as c:
+        p = _start(c, box, command="/bin/sh", mode="argv", tty=True, rows=30, cols=100)
+        assert p["tty"] and p["stdin"]
+        url = f"/sandboxes/{box}/processes/{p['id']}"
+        assert c.post(url + "/stdin", json={"data": "stty size; exit 4\n"}).status_code == 200
+        done = _wait_exit(c, box, p["id"])
+        assert done["exit_code"] == 4
+        logs = c.get(url + "/logs").json()
+        assert "30 100" in logs["output"]
+        assert {ch["stream"] for ch in logs["chunks"]} == {"output"}
+
+
+def test_logs_mark_dropped_output(open_server: ServerProc, box: str) -> None:
+    """300,000 lines (about 2 MB): the newest 1 MiB is kept and the cut is marked."""
+    with api(open_server) as c:
+        p = _start(c, box, command="seq 1 300000")
+        done = _wait_exit(c, box, p["id"])
+        assert done["exit_code"] == 0 and done["output_bytes"] == 1_988_895
+        assert done["dropped_bytes"] == done["output_bytes"] - 1024 * 1024
+        logs = c.get(f"/sandboxes/{box}/processes/{p['id']}/logs").json()
+        assert logs["output"].startswith(f"[stacyvm: {done['dropped_bytes']} bytes of older output dropped]\n")
+        assert logs["output"].endswith("299999\n300000\n")
+        text = c.get(f"/sandboxes/{box}/processes/{p['id']}/logs", params={"format": "text"}).text
+        assert text.startswith("[stacyvm: ") and len(text) > 1024 * 1024
