@@ -202,6 +202,22 @@ CHMOD_SCRIPT = r"""B=/.stacyvm/busybox
 exec $B chmod "$1" -- "$2"
 """
 
+# write_file under runsc: gVisor caches the root's dentries and file contents, so a
+# change made from the host (the archive API) is not seen inside. The bytes come in
+# on stdin instead; the file is written next to its target and renamed over it.
+WRITE_SCRIPT = r"""B=/.stacyvm/busybox
+p=$1
+d=$($B dirname -- "$p")
+$B mkdir -p -- "$d" 2>/dev/null
+[ -d "$d" ] || { echo "not a directory: $d" >&2; exit 20; }
+[ -d "$p" ] && [ ! -L "$p" ] && { echo "is a directory: $p" >&2; exit 21; }
+t="$d/.stacyvm-upload.$$"
+$B cat > "$t" || { $B rm -f -- "$t"; exit 1; }
+$B chmod "$2" -- "$t" || { $B rm -f -- "$t"; exit 1; }
+[ -L "$p" ] && $B rm -f -- "$p"
+exec $B mv -f -- "$t" "$p"
+"""
+
 DELETE_SCRIPT = r"""B=/.stacyvm/busybox
 p=$1
 [ -e "$p" ] || [ -L "$p" ] || exit 0
@@ -225,3 +241,38 @@ def parse_listing(dir_path: str, out: bytes) -> list[FileInfo]:
                               is_dir=kind == 0o040000, mod_time=datetime.fromtimestamp(mtime, UTC),
                               is_symlink=kind == 0o120000))
     return sorted(items, key=lambda f: f.path)
+
+
+# kill() under runsc: the exec's processes live inside the gVisor Sentry, out of the
+# host's reach. Run inside as root: find the sessions of the processes that carry the
+# exec's marker (STACYVM_EXEC=<token> in their environment), then SIGKILL every live
+# process of those sessions, rescanning until a pass finds none. The script's own exec
+# is a session of its own without the marker. Builtins only, except grep per process.
+INNER_KILL_SCRIPT = r"""B=/.stacyvm/busybox
+tok="STACYVM_EXEC=$1"
+sids=""
+for f in /proc/[0-9]*/environ; do
+  $B grep -qxzF "$tok" "$f" 2>/dev/null || continue
+  read -r l < "${f%environ}stat" 2>/dev/null || continue
+  set -- ${l##*) }
+  [ "$4" -gt 1 ] 2>/dev/null && sids="$sids $4"
+done
+[ -n "$sids" ] || exit 0
+i=0
+while [ $i -lt 100 ]; do
+  n=0
+  for f in /proc/[0-9]*/stat; do
+    read -r l < "$f" 2>/dev/null || continue
+    set -- ${l##*) }
+    [ "$1" != Z ] && [ "$1" != X ] || continue
+    for s in $sids; do
+      [ "$4" = "$s" ] || continue
+      p=${f#/proc/}; p=${p%/stat}
+      kill -9 "$p" 2>/dev/null && n=$((n+1))
+    done
+  done
+  [ $n -eq 0 ] && exit 0
+  i=$((i+1))
+done
+exit 1
+"""

@@ -24,29 +24,47 @@ from stacyvm_server.providers.base import ExecProcess, ExitStatus, StreamName
 from stacyvm_server.providers.docker.client import STDERR, DockerAPIError, DockerClient, ExecStream
 
 ExitReason = Callable[[int], Awaitable[str | None]]
+InnerKill = Callable[[], Awaitable[None]]
 
 
 class DockerExecProcess(ExecProcess):
     def __init__(self, client: DockerClient, exec_id: str, stream: ExecStream, container_id: str,
-                 exit_reason: ExitReason, has_stdin: bool) -> None:
+                 exit_reason: ExitReason, has_stdin: bool, inner_kill: InnerKill | None = None,
+                 watch_exit: bool = False) -> None:
         self.client = client
         self.exec_id = exec_id
         self.stream = stream
         self.container_id = container_id
         self._exit_reason = exit_reason
         self._has_stdin = has_stdin
+        self._inner_kill = inner_kill  # runsc: kill from inside the sandbox (files.INNER_KILL_SCRIPT)
         self._status: ExitStatus | None = None
         self._killed = False
         self._output_done = asyncio.Event()
+        # runsc: when the whole gVisor sandbox dies (OOM, pids budget), the exec's
+        # stream can stay open; a watcher ends it once the exec is reported gone.
+        self._watch_exit = watch_exit
         if not has_stdin:
             stream.close_write()
 
     async def output(self) -> AsyncIterator[tuple[StreamName, bytes]]:
+        watcher = asyncio.create_task(self._end_stream_when_gone()) if self._watch_exit else None
         try:
             async for kind, chunk in self.stream.frames():
                 yield ("stderr" if kind == STDERR else "stdout"), chunk
         finally:
             self._output_done.set()
+            if watcher is not None:
+                watcher.cancel()
+
+    async def _end_stream_when_gone(self) -> None:
+        with contextlib.suppress(ProviderError):
+            while True:
+                await asyncio.sleep(0.5)
+                if not (await self._inspect()).get("Running"):
+                    await asyncio.sleep(0.5)  # the normal end of the stream wins when it comes
+                    self.stream.reader.feed_eof()
+                    return
 
     async def _inspect(self) -> dict[str, object]:
         try:
@@ -72,6 +90,8 @@ class DockerExecProcess(ExecProcess):
         code = int(info.get("ExitCode") or 0)  # type: ignore[call-overload]
         sig = code - 128 if 128 < code < 128 + 65 else None
         reason = await self._exit_reason(code)
+        if reason == "oom":
+            code, sig = 137, 9
         if reason is None and self._killed:
             reason = "killed"
         self._status = ExitStatus(code, sig, reason)
@@ -82,13 +102,16 @@ class DockerExecProcess(ExecProcess):
         if self._status is not None:
             return
         self._killed = True
+        if self._inner_kill is not None:
+            await self._inner_kill()
+            return
         info = await self._inspect()
         pid = int(info.get("Pid") or 0)  # type: ignore[call-overload]
         if pid > 1 and info.get("Running"):
             await asyncio.to_thread(kill_session, pid, self.container_id)
 
     async def signal(self, sig: int) -> None:
-        if self._status is not None:
+        if self._status is not None or self._inner_kill is not None:
             return
         info = await self._inspect()
         pid = int(info.get("Pid") or 0)  # type: ignore[call-overload]
@@ -145,3 +168,26 @@ def kill_session(sid: int, container_id: str, timeout: float = 5.0) -> None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         time.sleep(0.01)
+
+
+class FailedExec(ExecProcess):
+    """An exec that could not start because the sandbox is not running: like a runtime's
+    `exec` failing, it ends at once with exit code 126 and the reason on stderr."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+    async def output(self) -> AsyncIterator[tuple[StreamName, bytes]]:
+        yield "stderr", (self.message + "\n").encode()
+
+    async def wait(self) -> ExitStatus:
+        return ExitStatus(126)
+
+    async def kill(self) -> None:
+        return None
+
+    async def write_stdin(self, data: bytes) -> None:
+        raise ProviderError(self.message)
+
+    async def close_stdin(self) -> None:
+        return None

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
+import os
 import posixpath
 import tempfile
 import time
@@ -39,7 +41,7 @@ from stacyvm_server.providers.base import (
 )
 from stacyvm_server.providers.docker import files, network
 from stacyvm_server.providers.docker.client import DockerAPIError, DockerClient, demux_frames
-from stacyvm_server.providers.docker.process import DockerExecProcess
+from stacyvm_server.providers.docker.process import DockerExecProcess, FailedExec
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +51,9 @@ INSTANCE_LABEL = "stacyvm.instance"
 NETWORK_LABEL = "stacyvm.network_mode"
 _INTERNAL = {ID_LABEL, INSTANCE_LABEL, NETWORK_LABEL}
 MAIN_CMD = [files.HELPER, "sleep", "2147483647"]
-RW_VOLUMES = ("/tmp", "/workspace")  # writable in a read-only root (anonymous volumes)
+RW_VOLUMES = ("/tmp", "/workspace")
+RUNSC_PIDS_BASE = 64
+RUNSC_PIDS_PER_PROCESS = 16  # writable in a read-only root (anonymous volumes)
 
 
 def container_name(sandbox_id: str) -> str:
@@ -81,6 +85,7 @@ class DockerProvider(Provider):
         self._ids: dict[str, str] = {}  # sandbox id -> container id
         self._memcg: dict[str, Path | None] = {}
         self.bridge = self.cfg.bridge_name
+        self._exec_seq = 0
 
     # provider-wide ---------------------------------------------------------------
     async def start(self) -> None:
@@ -184,7 +189,7 @@ class DockerProvider(Provider):
             "Memory": mem,
             "MemorySwap": mem,  # no swap on top of the limit
             "NanoCpus": spec.vcpus * 1_000_000_000,
-            "PidsLimit": spec.pids_limit,
+            "PidsLimit": self._host_pids_limit(spec.pids_limit),
             "ReadonlyRootfs": c.readonly_rootfs,
             "Mounts": [{"Type": "bind", "Source": c.helper_busybox, "Target": files.HELPER, "ReadOnly": True}],
             "LogConfig": {"Type": "json-file", "Config": {"max-size": "10m", "max-file": "1"}},
@@ -203,7 +208,21 @@ class DockerProvider(Provider):
         }
         if c.readonly_rootfs:
             body["Volumes"] = {v: {} for v in RW_VOLUMES}
+        elif c.runtime == "runsc":
+            # runsc mounts a tmpfs of its own on /tmp when nothing is mounted there:
+            # invisible to the archive API, and gVisor 2022 resolves paths that reach
+            # it through a symlink to "/" wrongly. A volume is a real directory.
+            body["Volumes"] = {"/tmp": {}}
         return body
+
+    def _host_pids_limit(self, pids_limit: int) -> int:
+        """runsc: the cgroup counts the Sentry's threads and ptrace stubs, not the
+        application's processes (about 40 idle, about 15 per running process); the
+        budget scales with pids_limit as in the native provider, and a sandbox that
+        exhausts it dies as a whole."""
+        if self.cfg.runtime == "runsc":
+            return RUNSC_PIDS_BASE + RUNSC_PIDS_PER_PROCESS * pids_limit
+        return pids_limit
 
     async def create(self, spec: SandboxSpec) -> SandboxHandle:
         sid = spec.sandbox_id
@@ -294,15 +313,18 @@ class DockerProvider(Provider):
         self._ids[handle.sandbox_id] = data["Id"]
         return str(data["Id"])
 
-    async def _exec_create(self, cid: str, spec: ExecSpec) -> str:
+    async def _exec_create(self, cid: str, spec: ExecSpec) -> str | None:
+        """The exec's id, or None when the container is not running."""
         body = {"AttachStdin": spec.stdin, "AttachStdout": True, "AttachStderr": True, "Tty": False,
                 "Cmd": list(spec.argv), "Env": [f"{k}={v}" for k, v in spec.env.items()],
                 "WorkingDir": spec.workdir or "", "User": spec.user or "", "Privileged": False}
         try:
             created = await self.client.request("POST", f"/containers/{cid}/exec", body=body)
         except DockerAPIError as exc:
-            if exc.http_status in (404, 409):
-                raise ProviderError(f"sandbox is not running: {exc.docker_message}") from None
+            if exc.http_status == 409:
+                return None
+            if exc.http_status == 404:
+                raise ProviderError(f"sandbox not found on this docker host: {exc.docker_message}") from None
             raise
         return str(created["Id"])
 
@@ -312,7 +334,24 @@ class DockerProvider(Provider):
         if spec.tty:
             raise BadRequest("the docker provider does not offer a TTY for exec yet")
         cid = await self._container_id(handle)
+        inner_kill = None
+        if self.cfg.runtime == "runsc":
+            # Under gVisor the host cannot see the exec's processes: mark them so an
+            # in-sandbox kill can find their session (files.INNER_KILL_SCRIPT).
+            self._exec_seq += 1
+            token = f"{os.getpid()}-{self._exec_seq}"
+            spec = dataclasses.replace(spec, env={**spec.env, "STACYVM_EXEC": token})
+
+            async def inner_kill() -> None:
+                if not (await self.state(handle)).alive:
+                    return  # the sandbox ended, and its processes with it
+                rc, _, err = await self._helper(handle, files.INNER_KILL_SCRIPT, token)
+                if rc != 0:
+                    raise ProviderError(f"kill inside the sandbox failed ({rc}): {err[-300:]!r}")
+
         exec_id = await self._exec_create(cid, spec)
+        if exec_id is None:
+            return FailedExec(f"sandbox {handle.sandbox_id} is not running")
         memcg = await self._memory_cgroup(handle, cid)
         oom_before = _oom_kills(memcg)
         stream = await self.client.exec_start(exec_id)
@@ -320,9 +359,14 @@ class DockerProvider(Provider):
         async def exit_reason(code: int) -> str | None:
             if code == 137 and memcg is not None and _oom_kills(memcg) > oom_before:
                 return "oom"
+            if self.cfg.runtime == "runsc" and code in (128, 137):
+                # gVisor: an OOM ends the whole sandbox; the exec then reports 128.
+                st = await self.state(handle)
+                return "oom" if st.reason == "oom" else None
             return None
 
-        return DockerExecProcess(self.client, exec_id, stream, cid, exit_reason, spec.stdin)
+        return DockerExecProcess(self.client, exec_id, stream, cid, exit_reason, spec.stdin, inner_kill,
+                                 watch_exit=self.cfg.runtime == "runsc")
 
     async def _memory_cgroup(self, handle: SandboxHandle, cid: str) -> Path | None:
         """The container's memory cgroup dir on this host (None if unknown), for OOM accounting."""
@@ -389,11 +433,13 @@ class DockerProvider(Provider):
     async def write_file(
         self, handle: SandboxHandle, path: str, chunks: AsyncIterator[bytes], mode: int = 0o644
     ) -> int:
-        cid = await self._container_id(handle)
         p = files.norm(path)
         parent, name = posixpath.split(p)
         if not name:
             raise SandboxFileError(f"not a file path: {path}")
+        if self.cfg.runtime == "runsc":
+            return await self._write_via_exec(handle, p, chunks, mode)
+        cid = await self._container_id(handle)
         # The deepest existing ancestor; the tar creates the missing directories below it.
         missing: list[str] = []
         base = parent
@@ -424,6 +470,35 @@ class DockerProvider(Provider):
                     pass
             except DockerAPIError as exc:
                 raise SandboxFileError(f"write {path}: {exc.docker_message}") from None
+        return size
+
+    async def _write_via_exec(self, handle: SandboxHandle, path: str, chunks: AsyncIterator[bytes],
+                              mode: int) -> int:
+        proc = await self.exec(handle, ExecSpec(argv=[files.HELPER, "sh", "-c", files.WRITE_SCRIPT, "stacyvm",
+                                                      path, f"{mode & 0o7777:o}"],
+                                                user="0:0", workdir="/", stdin=True))
+        err = bytearray()
+
+        async def drain() -> None:
+            async for name, chunk in proc.output():
+                if name == "stderr":
+                    err.extend(chunk[:4096])
+
+        drainer = asyncio.create_task(drain())
+        size = 0
+        try:
+            async for chunk in chunks:
+                await proc.write_stdin(chunk)
+                size += len(chunk)
+        except ProviderError:
+            pass  # the script gave up early; its stderr says why
+        finally:
+            await proc.close_stdin()
+            await drainer
+        status = await proc.wait()
+        if status.exit_code != 0:
+            msg = err.decode(errors="replace").strip().splitlines()
+            raise SandboxFileError(msg[-1] if msg else f"write {path} failed ({status.exit_code})")
         return size
 
     async def list_dir(self, handle: SandboxHandle, path: str) -> list[FileInfo]:
