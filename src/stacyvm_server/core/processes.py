@@ -216,9 +216,11 @@ class ProcessService:
         except asyncio.CancelledError:
             p.reason = p.reason or "killed"
             raise
-        except Exception as exc:  # the provider failed: the process is lost to us
+        except Exception as exc:  # the provider failed: make sure nothing keeps running unseen
             log.warning("background process %s failed: %s", p.id, exc)
             p.reason = "error"
+            with contextlib.suppress(Exception):
+                await p.proc.kill()
         finally:
             p.ended_at = utcnow()
             p.ring.close()
