@@ -327,7 +327,7 @@ class NativeProvider(Provider):
         if not spec.argv:
             raise BadRequest("argv must not be empty")
         if spec.tty and self.runtime.kind != "crun":
-            # runc and runsc never connected to the console socket here (docs/interactive.md).
+            # runc takes a console socket only with --detach, runsc ignores it (docs/interactive.md).
             raise BadRequest(f"terminal execs need the crun runtime (this server runs {self.runtime.kind})")
         box = self._box(handle)
         uid, gid = await asyncio.to_thread(resolve_user, box.fs, spec.user or box.user)
