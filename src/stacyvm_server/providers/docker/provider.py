@@ -98,6 +98,9 @@ class DockerProvider(Provider):
         if self.cfg.runtime not in runtimes:
             raise ProviderError(f"docker provider: runtime {self.cfg.runtime!r} is not registered in dockerd "
                                 f"(has {', '.join(sorted(runtimes))}); see /etc/docker/daemon.json")
+        if self.cfg.runtime in ("crun", "kata-runtime"):
+            log.warning("docker: runtime %s is not fully supported: kill() of an exec's process tree does "
+                        "not work under it yet (docs/docker-provider.md)", self.cfg.runtime)
         self.bridge = await network.ensure_network(self.client, self.cfg)
         await network.ensure_firewall(self.bridge)
 
