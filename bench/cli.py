@@ -20,6 +20,7 @@ from bench import server as own_server
 from bench.api import Api
 from bench.machine import describe
 from bench.raw import RawCrun, RawError, server_rootfs, uid_shift, umoci_rootfs
+from bench.raw_docker import RawDocker
 from bench.report import build_json, results_markdown, write_markdown
 from bench.runner import Plan, Results, Runner, log
 
@@ -29,15 +30,32 @@ BUSYBOX = "127.0.0.1:5000/stacyvm/busybox:1.35"
 PYTHON = "127.0.0.1:5000/stacyvm/debian-python:3.11"
 # OCI layouts kept by scripts/build-test-images.sh: the raw side's fallback source.
 OCI_CACHE = Path("/var/cache/stacyvm/oci")
-# Provider label -> the native provider's OCI runtime. Other providers are not driven yet.
-PROVIDERS = {"native": "crun", "native-runsc": "runsc"}
+# Provider label -> (provider, its OCI runtime). microvm is not driven yet.
+PROVIDERS = {"native": ("native", "crun"), "native-runsc": ("native", "runsc"),
+             "docker": ("docker", "runc"), "docker-runsc": ("docker", "runsc")}
+DOCKER_SOCKET = "/var/run/docker.sock"
+# What the raw Docker side measures, in place of the crun descriptions.
+DOCKER_RAW_WHAT = {
+    "create": "POST /containers/create (the provider's body: same hardening and limits) + POST /start",
+    "runtime_create": "POST /containers/create alone",
+    "runtime_start": "POST /containers/{id}/start alone",
+    "create_to_first_exec": "raw create above + the first exec of true (as exec_true)",
+    "exec_true": "POST /containers/{id}/exec + POST /exec/{id}/start (hijacked, read to EOF) + GET /exec/{id}/json",
+    "exec_python": "the same exec of python3 -c pass in a debian-python container",
+    "stream_ttfb": "exec create + start of the same sh command -> first byte of the multiplexed stream",
+    "stream_total": "the same -> EOF + exec inspect",
+    "destroy": "DELETE /containers/{id}?force=1&v=1",
+    "file_write": "PUT /containers/{id}/archive?path=/tmp with a one-file tar of N MB (tar built before the clock)",
+    "file_read": "GET /containers/{id}/archive?path=<file> to the last byte (untarred after the clock)",
+}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     p.add_argument("--quick", action="store_true", help="fewer samples: under a minute, for use before a commit")
     p.add_argument("--providers", default="native",
-                   help="comma-separated: native (crun), native-runsc (gVisor, ptrace); --url takes one")
+                   help="comma-separated: native (crun), native-runsc (gVisor, ptrace), docker (runc), "
+                        "docker-runsc (Docker with gVisor); --url takes one")
     p.add_argument("--url", help="a running server (default: start one in a temp dir)")
     p.add_argument("--api-key", help="API key for --url")
     p.add_argument("--data-dir", type=Path, help="data_dir of the --url server (to reuse its unpacked images)")
@@ -48,7 +66,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--file-mb", type=int, default=100, help="file size for the throughput milestone (MB)")
     p.add_argument("--file-reps", type=int, help="file write+read repetitions (default 3, quick 1)")
     p.add_argument("--density", type=int, help="idle sandboxes held for the memory milestone (default 20, quick 5)")
-    p.add_argument("--no-raw", action="store_true", help="skip the raw crun baseline")
+    p.add_argument("--no-raw", action="store_true", help="skip the raw baseline (crun/runsc, or Docker API calls)")
     p.add_argument("--busybox", default=BUSYBOX)
     p.add_argument("--python", default=PYTHON)
     p.add_argument("--out", type=Path, help="write the Markdown report here (e.g. docs/benchmarks.md)")
@@ -88,8 +106,13 @@ def raw_rootfs(images: list[str], data_dir: Path | None, work: Path, shift: int)
     return out, f"umoci unpack of {OCI_CACHE}/<name> (the layouts pushed to the registry)"
 
 
-def provider_plan(plan: Plan, runtime: str) -> Plan:
-    """runsc deletes take about 1.6 s and each sandbox runs a Sentry: fewer samples, smaller bursts."""
+def provider_plan(plan: Plan, provider: str, runtime: str) -> Plan:
+    """runsc deletes take about 1.6 s and each sandbox runs a Sentry: fewer samples, smaller bursts.
+
+    docker: no density run yet (bench/memory.py reads the native provider's cgroups).
+    """
+    if provider == "docker":
+        plan = dataclasses.replace(plan, density=0)
     if runtime != "runsc":
         return plan
     return dataclasses.replace(
@@ -105,28 +128,38 @@ def provider_plan(plan: Plan, runtime: str) -> Plan:
 
 async def measure(a: argparse.Namespace, label: str, plan: Plan, work: Path) -> tuple[Results, dict[str, Any]]:
     """All milestones for one provider: its own server (or --url) and its raw runtime."""
-    runtime = PROVIDERS[label]
+    provider, runtime = PROVIDERS[label]
     own = None
     url, data_dir, server_pid = a.url, a.data_dir, None
     if not url:
-        log(f"{label}: starting a server of our own (native.runtime {runtime})")
-        own = own_server.start(work / "server", plan.busybox, runtime)
+        log(f"{label}: starting a server of our own ({provider}.runtime {runtime})")
+        own = own_server.start(work / "server", plan.busybox, runtime, provider)
         url, data_dir, server_pid = own.url, own.data_dir, own.proc.pid
     api = Api(url, a.api_key, max_connections=max([64, *plan.bursts]))
-    raw: RawCrun | None = None
-    info: dict[str, Any] = {"runtime": runtime, "baseline": f"raw_{runtime}", "plan": dataclasses.asdict(plan),
-                            "server": {"url": url, "own": own is not None}, "raw": {}}
+    raw: RawCrun | RawDocker | None = None
+    baseline = f"raw_docker_{runtime}" if provider == "docker" else f"raw_{runtime}"
+    info: dict[str, Any] = {"provider": provider, "runtime": runtime, "baseline": baseline,
+                            "plan": dataclasses.asdict(plan), "server": {"url": url, "own": own is not None},
+                            "raw": {}}
     try:
         info["server"]["version"] = (await api.health()).get("version")
         runner = Runner(api, None, plan, {}, server_pid)
         await runner.warm_images()  # the server pulls/unpacks; the raw side may then reuse its rootfs
-        if plan.raw:
+        if plan.raw and provider == "docker":
+            raw = RawDocker(work / "raw", runtime, DOCKER_SOCKET)
+            runner.raw, runner.rootfs = raw, {plan.busybox: plan.busybox, plan.python: plan.python}
+            info["raw"] = {"bundle": raw.bundle_source, "docker_version": raw.version,
+                           "rootfs_source": "the same image in dockerd's store (pulled by the server's warm-up)"}
+        elif plan.raw:
             rootfs, source = raw_rootfs([plan.busybox, plan.python], data_dir, work, uid_shift(runtime))
             raw = RawCrun(work / "raw", kind=runtime)
-            runner.raw, runner.rootfs = raw, rootfs
+            runner.raw, runner.rootfs = raw, dict(rootfs)
             info["raw"] = {"bundle": raw.bundle_source, "rootfs_source": source,
                            "rootfs": {k: str(v) for k, v in rootfs.items()}}
         results = await runner.run_all()
+        if provider == "docker":
+            for name, series in results.raw.items():
+                series.what = DOCKER_RAW_WHAT.get(name, series.what)
     finally:
         await api.aclose()
         if raw is not None:
@@ -157,7 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     if a.url is not None and len(wanted) != 1:
         print("bench: --url measures one server: give exactly one provider", file=sys.stderr)
         return 2
-    missing = [PROVIDERS[p] for p in wanted if shutil.which(PROVIDERS[p]) is None]
+    missing = [PROVIDERS[p][1] for p in wanted if PROVIDERS[p][0] == "native" and shutil.which(PROVIDERS[p][1]) is None]
+    if any(PROVIDERS[p][0] == "docker" for p in wanted) and not os.path.exists(DOCKER_SOCKET):
+        missing.append(f"dockerd ({DOCKER_SOCKET}; start it with scripts/setup-docker.sh)")
     if missing:
         print(f"bench: not installed: {', '.join(missing)}", file=sys.stderr)
         return 2
@@ -171,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tempfile.mkdtemp(prefix=f"stacyvm-bench-{label}-"))
         work.chmod(0o711)  # sandbox roots (host uid 100000) must traverse to their bundles
         try:
-            measured[label] = asyncio.run(measure(a, label, provider_plan(plan, PROVIDERS[label]), work))
+            measured[label] = asyncio.run(measure(a, label, provider_plan(plan, *PROVIDERS[label]), work))
         except (own_server.ServerError, RawError) as exc:
             print(f"bench: {label}: {exc}", file=sys.stderr)
             return 1

@@ -176,7 +176,8 @@ class RawCrun:
             raise RawError(f"{self.kind} {args[0]} rc {res.returncode}: {(res.stderr or res.stdout)[-300:]!r}")
         return res
 
-    def up(self, rootfs: Path) -> tuple[str, UpTiming]:
+    def up(self, rootfs: Path | str) -> tuple[str, UpTiming]:
+        rootfs = Path(rootfs)
         self._seq += 1
         cid = f"bench-{self.kind}-{os.getpid()}-{self._seq}"
         t0 = time.perf_counter()

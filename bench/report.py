@@ -9,6 +9,9 @@ from bench.stats import WIDE_FACTOR, Summary, summarize
 
 # Issue 3 acceptance: (milestone, statistic, limit in ms).
 TARGETS = (("create", "p50", 60.0), ("exec_true", "p50", 15.0), ("exec_true", "p99", 40.0))
+# Issue 4 acceptance: the docker provider's overhead on top of raw Docker API calls, at p50.
+DOCKER_TARGET_MILESTONES = ("create", "exec_true", "destroy")
+DOCKER_MAX_RATIO = 1.15
 
 
 # Table order; anything else follows in the order it was measured.
@@ -53,8 +56,18 @@ def build_json(measured: dict[str, tuple[Results, dict[str, Any]]], head: dict[s
         value = native.get(name, {}).get(stat)
         targets.append({"provider": "native", "milestone": name, "stat": stat, "limit_ms": limit,
                         "value_ms": value, "met": value is not None and value <= limit})
+    docker_targets = []
+    for label, prov in providers.items():
+        if prov.get("provider") != "docker":
+            continue
+        for name in DOCKER_TARGET_MILESTONES:
+            m = prov["milestones"].get(name, {})
+            ratio = m.get("ratio_p50")
+            docker_targets.append({"provider": label, "milestone": name, "stat": "p50", "value_ms": m.get("p50"),
+                                   "raw_ms": m.get("raw_p50"), "ratio": ratio, "max_ratio": DOCKER_MAX_RATIO,
+                                   "met": ratio is not None and ratio <= DOCKER_MAX_RATIO})
     return {"schema": 1, **head, "providers": providers, "baselines": baselines, "errors_total": errors,
-            "targets": targets}
+            "targets": targets, "docker_targets": docker_targets}
 
 
 # ---------------------------------------------------------------------------- markdown
@@ -149,6 +162,16 @@ def results_markdown(doc: dict[str, Any]) -> list[str]:
             met = "yes" if t["met"] else "**no**"
             out.append(f"| {t['milestone']} {t['stat']} <= {t['limit_ms']:.0f} ms | {v} | {met} |")
         out.append("")
+    if doc.get("docker_targets"):
+        out += ["### issue 4 target: docker overhead on top of raw Docker API calls <= 15% at p50", "",
+                "| provider | milestone | ours p50 | raw Docker p50 | overhead | met |", "|---|---|--:|--:|--:|---|"]
+        for t in doc["docker_targets"]:
+            ours = "-" if t["value_ms"] is None else f"{t['value_ms']:.1f} ms"
+            raw = "-" if t["raw_ms"] is None else f"{t['raw_ms']:.1f} ms"
+            over = "-" if t["ratio"] is None else f"{(t['ratio'] - 1) * 100:+.0f}%"
+            out.append(f"| {t['provider']} | {t['milestone']} | {ours} | {raw} | {over} | "
+                       f"{'yes' if t['met'] else '**no**'} |")
+        out.append("")
     return out
 
 
@@ -156,10 +179,11 @@ def _provider_markdown(label: str, prov: dict[str, Any], base: dict[str, Any]) -
     ms = prov["milestones"]
     raw = base.get("milestones", {})
     ex = prov["extras"]
-    rt = prov["runtime"]
+    kind = prov.get("provider", "native")
+    rt = prov["runtime"] if kind == "native" else f"Docker API ({prov['runtime']})"
     srv = prov["server"]
     out = [
-        f"### {label}: native provider with {rt}, through HTTP, beside raw {rt}",
+        f"### {label}: {kind} provider with {prov['runtime']}, through HTTP, beside raw {rt}",
         "",
         f"Server: {srv['url']} ({'started by the harness' if srv['own'] else 'given with --url'}, "
         f"version {srv.get('version', '?')}). Raw bundle: {base.get('bundle', 'not run')}. "

@@ -24,6 +24,7 @@ import httpx
 from bench import memory
 from bench.api import Api, ApiError, SandboxSpec, file_body
 from bench.raw import RawCrun, RawError
+from bench.raw_docker import RawDocker
 from bench.stats import Series
 
 STREAM_ARGV = ["sh", "-c", "echo first; sleep 0.1; echo second"]
@@ -107,12 +108,12 @@ def log(msg: str) -> None:
 
 
 class Runner:
-    def __init__(self, api: Api, raw: RawCrun | None, plan: Plan, rootfs: dict[str, Path],
+    def __init__(self, api: Api, raw: RawCrun | RawDocker | None, plan: Plan, rootfs: dict[str, Path | str],
                  server_pid: int | None) -> None:
         self.api = api
         self.raw = raw
         self.plan = plan
-        self.rootfs = rootfs  # image ref -> unpacked rootfs for the raw side
+        self.rootfs = rootfs  # image ref -> unpacked rootfs (crun/runsc) or image ref (docker) for the raw side
         self.server_pid = server_pid
         self.res = Results()
         self.live: set[str] = set()  # server sandboxes we still have to destroy

@@ -48,7 +48,7 @@ def _free_port() -> int:
         return port
 
 
-def write_config(root: Path, port: int, image: str, runtime: str) -> Path:
+def write_config(root: Path, port: int, image: str, runtime: str, provider: str = "native") -> Path:
     cfg = {
         "server": {
             "host": "127.0.0.1",
@@ -58,19 +58,22 @@ def write_config(root: Path, port: int, image: str, runtime: str) -> Path:
             # Access logs off: we measure the server, not its terminal.
             "log_level": "warning",
         },
-        "defaults": {"provider": "native", "image": image, "ttl": "30m"},
+        "defaults": {"provider": provider, "image": image, "ttl": "30m"},
         "images": {"registries": {REGISTRY: {"insecure": True}}},
-        "native": {"runtime": runtime},
     }
+    if provider == "docker":
+        cfg["docker"] = {"enabled": True, "runtime": runtime}
+    else:
+        cfg["native"] = {"runtime": runtime}
     path = root / "stacyvm.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
 
 
-def start(root: Path, image: str, runtime: str = "crun") -> OwnServer:
+def start(root: Path, image: str, runtime: str = "crun", provider: str = "native") -> OwnServer:
     root.mkdir(parents=True, exist_ok=True)
     port = _free_port()
-    cfg = write_config(root, port, image, runtime)
+    cfg = write_config(root, port, image, runtime, provider)
     log_path = root / "server.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("STACYVM_")}
     env["PYTHONUNBUFFERED"] = "1"

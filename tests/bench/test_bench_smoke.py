@@ -16,11 +16,15 @@ from typing import Any
 import pytest
 
 from tests.conftest import REPO, ServerProc
+from tests.providers import docker_fixtures
+from tests.providers.docker_fixtures import docker_api
 
 SERVER_MILESTONES = (
     "create", "create_to_first_exec", "exec_true", "exec_python", "http_health",
     "stream_ttfb", "stream_total", "destroy", "burst_10", "file_write", "file_read", "density_create",
 )
+docker_daemon = docker_fixtures.docker_daemon  # a session fixture, used by the docker smoke run
+
 RAW_MILESTONES = (
     "create", "runtime_create", "runtime_start", "create_to_first_exec", "exec_true", "exec_python",
     "stream_ttfb", "destroy", "burst_10", "file_write", "file_read",
@@ -75,3 +79,37 @@ def test_report_has_machine_targets_and_command(bench_result: dict[str, Any]) ->
     assert {t["milestone"] for t in bench_result["targets"]} == {"create", "exec_true"}
     md = bench_result["_markdown"]
     assert "python -m bench" in md and "| `exec_true` |" in md and "{{" not in md
+
+
+@pytest.fixture(scope="module")
+def docker_bench_result(docker_daemon: None, test_images: dict[str, str],
+                        tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The docker provider (runc) beside raw Docker API calls: a server of the harness's own, tiny plan."""
+    out = tmp_path_factory.mktemp("bench-docker")
+    json_path = out / "docker.json"
+    cmd = [
+        sys.executable, "-m", "bench", "--quick", "--providers", "docker",
+        "--iterations", "2", "--exec-iterations", "4", "--warmup", "0", "--bursts", "3",
+        "--file-mb", "1", "--json", str(json_path),
+    ]
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+    assert res.returncode == 0, f"bench failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+    doc: dict[str, Any] = json.loads(json_path.read_text())
+    return doc
+
+
+def test_docker_milestones_beside_raw_docker(docker_bench_result: dict[str, Any]) -> None:
+    prov = docker_bench_result["providers"]["docker"]
+    assert prov["provider"] == "docker" and prov["runtime"] == "runc"
+    ms = prov["milestones"]
+    raw = docker_bench_result["baselines"]["raw_docker_runc"]["milestones"]
+    for name in ("create", "create_to_first_exec", "exec_true", "exec_python", "stream_ttfb", "destroy",
+                 "burst_3", "file_write", "file_read"):
+        assert ms[name]["n"] > 0 and ms[name]["errors"] == 0, (name, ms[name]["error_messages"])
+        assert raw[name]["n"] > 0 and raw[name]["errors"] == 0, (name, raw[name]["error_messages"])
+        assert ms[name]["ratio_p50"] is not None
+    assert not prov["extras"].get("cleanup_errors")
+    assert {t["milestone"] for t in docker_bench_result["docker_targets"]} == {"create", "exec_true", "destroy"}
+    leftovers = docker_api("GET", "/containers/json", all="1",
+                           filters=json.dumps({"label": ["stacyvm.bench=raw"]})).json()
+    assert not [c for c in leftovers if any(n.startswith("/stacyvm-bench-raw-") for n in c["Names"])]
