@@ -93,24 +93,25 @@ class DockerClient:
         except httpx.TransportError as exc:
             raise ProviderError(f"docker daemon at {self.socket_path}: {exc}") from exc
 
-    async def exec_start(self, exec_id: str) -> ExecStream:
-        return await ExecStream.open(self.socket_path, exec_id)
+    async def exec_start(self, exec_id: str, tty: bool = False) -> ExecStream:
+        return await ExecStream.open(self.socket_path, exec_id, tty)
 
 
 class ExecStream:
-    """The hijacked connection of `POST /exec/{id}/start`: multiplexed output, raw stdin."""
+    """The hijacked connection of `POST /exec/{id}/start`: multiplexed output (raw for a TTY
+    exec: the pty's one stream), raw stdin."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader = reader
         self.writer = writer
 
     @classmethod
-    async def open(cls, socket_path: str, exec_id: str) -> ExecStream:
+    async def open(cls, socket_path: str, exec_id: str, tty: bool = False) -> ExecStream:
         try:
             reader, writer = await asyncio.open_unix_connection(socket_path, limit=1 << 20)
         except OSError as exc:
             raise ProviderError(f"docker daemon at {socket_path} unreachable: {exc}") from exc
-        body = b'{"Detach": false, "Tty": false}'
+        body = json.dumps({"Detach": False, "Tty": tty}).encode()
         writer.write(
             f"POST /{API_VERSION}/exec/{exec_id}/start HTTP/1.1\r\nHost: docker\r\n"
             f"Content-Type: application/json\r\nConnection: Upgrade\r\nUpgrade: tcp\r\n"
@@ -148,6 +149,14 @@ class ExecStream:
                     return
                 remaining -= len(chunk)
                 yield kind, chunk
+
+    async def raw(self) -> AsyncIterator[bytes]:
+        """A TTY exec's output: the pty's bytes as they come, not framed."""
+        while True:
+            chunk = await self.reader.read(1 << 16)
+            if not chunk:
+                return
+            yield chunk
 
     async def write(self, data: bytes) -> None:
         self.writer.write(data)

@@ -23,6 +23,7 @@ from stacyvm_server.errors import ProviderError
 from stacyvm_server.providers.base import ExecProcess, ExitStatus, StreamName
 from stacyvm_server.providers.docker.client import STDERR, DockerAPIError, DockerClient, ExecStream
 
+_EOT = b"\x04"  # VEOF in the default line discipline
 ExitReason = Callable[[int], Awaitable[str | None]]
 InnerKill = Callable[[], Awaitable[None]]
 
@@ -30,7 +31,7 @@ InnerKill = Callable[[], Awaitable[None]]
 class DockerExecProcess(ExecProcess):
     def __init__(self, client: DockerClient, exec_id: str, stream: ExecStream, container_id: str,
                  exit_reason: ExitReason, has_stdin: bool, inner_kill: InnerKill | None = None,
-                 watch_exit: bool = False) -> None:
+                 watch_exit: bool = False, tty: bool = False) -> None:
         self.client = client
         self.exec_id = exec_id
         self.stream = stream
@@ -44,14 +45,21 @@ class DockerExecProcess(ExecProcess):
         # runsc: when the whole gVisor sandbox dies (OOM, pids budget), the exec's
         # stream can stay open; a watcher ends it once the exec is reported gone.
         self._watch_exit = watch_exit
-        if not has_stdin:
+        # A TTY exec: one raw stream (the pty). Never half-close it: for a TTY, Docker ends
+        # the output streams when stdin closes; EOF is typed (Ctrl-D) instead.
+        self.tty = tty
+        if not has_stdin and not tty:
             stream.close_write()
 
     async def output(self) -> AsyncIterator[tuple[StreamName, bytes]]:
         watcher = asyncio.create_task(self._end_stream_when_gone()) if self._watch_exit else None
         try:
-            async for kind, chunk in self.stream.frames():
-                yield ("stderr" if kind == STDERR else "stdout"), chunk
+            if self.tty:
+                async for chunk in self.stream.raw():
+                    yield "stdout", chunk  # as the native provider's pty: one stream, "stdout"
+            else:
+                async for kind, chunk in self.stream.frames():
+                    yield ("stderr" if kind == STDERR else "stdout"), chunk
         finally:
             self._output_done.set()
             if watcher is not None:
@@ -129,8 +137,39 @@ class DockerExecProcess(ExecProcess):
             raise ProviderError(f"stdin closed: {exc}") from exc
 
     async def close_stdin(self) -> None:
+        if self.tty:  # a terminal has no stdin to close: type EOF (VEOF, Ctrl-D)
+            with contextlib.suppress(ProviderError):
+                await self.write_stdin(_EOT)
+            return
         with contextlib.suppress(OSError):
             self.stream.close_write()
+
+    async def resize(self, rows: int, cols: int) -> None:
+        if not self.tty:
+            await super().resize(rows, cols)
+        if self._status is not None:
+            return
+        try:
+            await resize_exec(self.client, self.exec_id, rows, cols)
+        except DockerAPIError:
+            if (await self._inspect()).get("Running"):
+                raise
+            # it has just exited: nothing to resize
+
+
+async def resize_exec(client: DockerClient, exec_id: str, rows: int, cols: int, tries: int = 1) -> None:
+    """`POST /exec/{id}/resize`. Right after start the exec may not be running yet (Docker
+    answers 409/500): retry with a short backoff, as the docker CLI does."""
+    for attempt in range(tries):
+        try:
+            await client.request("POST", f"/exec/{exec_id}/resize", params={"h": rows, "w": cols}, timeout=10)
+            return
+        except DockerAPIError as exc:
+            if exc.http_status == 404 or attempt == tries - 1:
+                if exc.http_status == 404:
+                    return  # the exec (or its container) is gone: nothing to resize
+                raise
+            await asyncio.sleep(0.01 * (attempt + 1))
 
 
 def _session_and_cgroup(pid: int) -> tuple[int, str]:

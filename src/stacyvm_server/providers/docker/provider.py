@@ -41,7 +41,7 @@ from stacyvm_server.providers.base import (
 )
 from stacyvm_server.providers.docker import files, network
 from stacyvm_server.providers.docker.client import DockerAPIError, DockerClient, demux_frames
-from stacyvm_server.providers.docker.process import DockerExecProcess, FailedExec
+from stacyvm_server.providers.docker.process import DockerExecProcess, FailedExec, resize_exec
 
 log = logging.getLogger(__name__)
 
@@ -318,7 +318,9 @@ class DockerProvider(Provider):
 
     async def _exec_create(self, cid: str, spec: ExecSpec) -> str | None:
         """The exec's id, or None when the container is not running."""
-        body = {"AttachStdin": spec.stdin, "AttachStdout": True, "AttachStderr": True, "Tty": False,
+        # Tty: one raw stream, the process's stdio is a pty (runc makes it the controlling
+        # terminal of the exec's session). ConsoleSize needs API 1.42: sized after start.
+        body = {"AttachStdin": spec.stdin, "AttachStdout": True, "AttachStderr": True, "Tty": spec.tty,
                 "Cmd": list(spec.argv), "Env": [f"{k}={v}" for k, v in spec.env.items()],
                 "WorkingDir": spec.workdir or "", "User": spec.user or "", "Privileged": False}
         try:
@@ -334,8 +336,11 @@ class DockerProvider(Provider):
     async def exec(self, handle: SandboxHandle, spec: ExecSpec) -> ExecProcess:
         if not spec.argv:
             raise BadRequest("argv must not be empty")
-        if spec.tty:
-            raise BadRequest("the docker provider does not offer a TTY for exec yet")
+        if spec.tty and self.cfg.runtime != "runc":
+            # Only runc is tested: crun does not make an exec a session leader (no controlling
+            # terminal, so no Ctrl-C), runsc and kata are untested here (docs/docker-provider.md).
+            raise BadRequest(f"terminal execs through docker need the runc runtime (this server runs "
+                             f"{self.cfg.runtime})")
         cid = await self._container_id(handle)
         inner_kill = None
         if self.cfg.runtime == "runsc":
@@ -357,7 +362,14 @@ class DockerProvider(Provider):
             return FailedExec(f"sandbox {handle.sandbox_id} is not running")
         memcg = await self._memory_cgroup(handle, cid)
         oom_before = _oom_kills(memcg)
-        stream = await self.client.exec_start(exec_id)
+        stream = await self.client.exec_start(exec_id, tty=spec.tty)
+        if spec.tty:
+            rows, cols = spec.tty_size or (24, 80)
+            try:
+                await resize_exec(self.client, exec_id, rows, cols, tries=10)
+            except BaseException:
+                stream.close()
+                raise
 
         async def exit_reason(code: int) -> str | None:
             if code == 137 and memcg is not None and _oom_kills(memcg) > oom_before:
@@ -369,7 +381,7 @@ class DockerProvider(Provider):
             return None
 
         return DockerExecProcess(self.client, exec_id, stream, cid, exit_reason, spec.stdin, inner_kill,
-                                 watch_exit=self.cfg.runtime == "runsc")
+                                 watch_exit=self.cfg.runtime == "runsc", tty=spec.tty)
 
     async def _memory_cgroup(self, handle: SandboxHandle, cid: str) -> Path | None:
         """The container's memory cgroup dir on this host (None if unknown), for OOM accounting."""
