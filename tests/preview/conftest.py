@@ -55,21 +55,26 @@ def start_app(box: PreviewBox, port: int, bind: str = "0.0.0.0") -> None:
     raise AssertionError(f"app on port {port} did not start")
 
 
-@pytest.fixture(scope="module")
-def make_box(open_server: ServerProc) -> Iterator[Callable[[str], PreviewBox]]:
+def box_factory(server: ServerProc, **spawn: object) -> Iterator[Callable[[str], PreviewBox]]:
+    """make(network) -> a new sandbox on `server` (spawn adds fields, e.g. provider); all destroyed after."""
     made: list[str] = []
 
     def make(network: str = "none") -> PreviewBox:
-        with _api(open_server) as c:
-            r = c.post("/sandboxes", json={"image": PYTHON, "network": network, "memory_mb": 256})
+        with _api(server) as c:
+            r = c.post("/sandboxes", json={"image": PYTHON, "network": network, "memory_mb": 256, **spawn})
             assert r.status_code == 201, r.text
             made.append(r.json()["id"])
-            return PreviewBox(r.json()["id"], open_server)
+            return PreviewBox(r.json()["id"], server)
 
     yield make
-    with _api(open_server) as c:
+    with _api(server) as c:
         for sid in made:
             c.delete(f"/sandboxes/{sid}")
+
+
+@pytest.fixture(scope="module")
+def make_box(open_server: ServerProc) -> Iterator[Callable[[str], PreviewBox]]:
+    yield from box_factory(open_server)
 
 
 @pytest.fixture(scope="module")

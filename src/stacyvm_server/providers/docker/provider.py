@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import logging
@@ -26,7 +27,15 @@ from pathlib import Path
 from typing import Any
 
 from stacyvm_server.config import Settings
-from stacyvm_server.errors import BadRequest, ImageError, ImageNotFound, ProviderError, SandboxFileError
+from stacyvm_server.errors import (
+    BadRequest,
+    ImageError,
+    ImageNotFound,
+    NotFound,
+    ProviderError,
+    SandboxFileError,
+    Unavailable,
+)
 from stacyvm_server.providers.base import (
     ExecProcess,
     ExecSpec,
@@ -42,6 +51,7 @@ from stacyvm_server.providers.base import (
 from stacyvm_server.providers.docker import files, network
 from stacyvm_server.providers.docker.client import DockerAPIError, DockerClient, demux_frames
 from stacyvm_server.providers.docker.process import DockerExecProcess, FailedExec, resize_exec
+from stacyvm_server.providers.native.network import connect_in_netns
 
 log = logging.getLogger(__name__)
 
@@ -583,6 +593,43 @@ class DockerProvider(Provider):
         text = b"".join(chunk for _, chunk in demux_frames(data)).decode(errors="replace")
         return text.splitlines()[-lines:]
 
+    # preview -------------------------------------------------------------------
+    _runsc_hostnet: bool | None = None  # runsc runs with --network=host (from /info, once)
+
+    async def connect(self, handle: SandboxHandle, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """Connect to 127.0.0.1:port inside the container's netns, as the native provider does.
+
+        The netns is /proc/<State.Pid>/ns/net of the container's init; a socket made
+        there by a short-lived thread (native.network.connect_in_netns) reaches servers
+        bound to 127.0.0.1 or 0.0.0.0, for network none and bridge, without NAT.
+        runsc: only with --network=host in dockerd's runtimeArgs (gVisor then uses the
+        netns's kernel stack; with its own netstack the sandbox's loopback is out of
+        reach), and only for network bridge: with network none docker leaves `lo` down,
+        so the sandbox has no loopback at all. Both cases answer 503 (docs/preview.md).
+        """
+        sid = handle.sandbox_id
+        if self.cfg.runtime == "runsc":
+            if self._runsc_hostnet is None:
+                info = await self.client.request("GET", "/info")
+                args = (((info or {}).get("Runtimes") or {}).get("runsc") or {}).get("runtimeArgs") or []
+                self._runsc_hostnet = "--network=host" in args
+            if not self._runsc_hostnet:
+                raise Unavailable("preview is not supported under runsc with gVisor's own network stack: "
+                                  "its loopback cannot be reached from the host; register runsc in dockerd "
+                                  "with --network=host (docs/preview.md)")
+        data = await self._inspect(handle)
+        pid = int(((data or {}).get("State") or {}).get("Pid") or 0)
+        if pid <= 0:
+            raise NotFound(f"sandbox {sid} has no running container (is it running?)")
+        try:
+            return await connect_in_netns(f"/proc/{pid}/ns/net", port, sid)
+        except FileNotFoundError:
+            raise NotFound(f"sandbox {sid} has no running container (is it running?)") from None
+        except OSError as exc:
+            if exc.errno != errno.ENETUNREACH:
+                raise
+            raise Unavailable(f"sandbox {sid} has no loopback network (runsc with network none leaves lo "
+                              "down): preview needs network bridge here (docs/preview.md)") from None
 
 def _image_error(ref: str, message: str) -> ImageError:
     low = message.lower()

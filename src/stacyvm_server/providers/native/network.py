@@ -24,6 +24,7 @@ namespace, so runc can also mount a fresh sysfs for it.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import hashlib
@@ -36,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from stacyvm_server.errors import ProviderError
+from stacyvm_server.errors import PortClosed, ProviderError
 from stacyvm_server.providers.native import syscalls
 from stacyvm_server.providers.native.nft import IF_PREFIX
 
@@ -278,3 +279,28 @@ def socket_in_netns(path: str) -> socket.socket:
             os.close(own)
 
     return _in_thread(make)
+
+
+async def connect_in_netns(path: str, port: int, sandbox_id: str,
+                           ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Connect to 127.0.0.1:port inside the netns at `path` (preview; native and docker).
+
+    The socket is made by socket_in_netns, then connected by the event loop.
+    Raises FileNotFoundError when `path` is gone, PortClosed when nothing listens.
+    """
+    sock = await asyncio.to_thread(socket_in_netns, path)
+    try:
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port)), 10)
+    except (ConnectionRefusedError, TimeoutError) as exc:
+        sock.close()
+        why = "connection refused" if isinstance(exc, ConnectionRefusedError) else "connect timed out"
+        raise PortClosed(
+            f"nothing is listening on port {port} in sandbox {sandbox_id} ({why}): start a server there that "
+            "binds 0.0.0.0 or 127.0.0.1"
+        ) from None
+    except BaseException:
+        sock.close()
+        raise
+    return await asyncio.open_connection(sock=sock, limit=256 * 1024)

@@ -18,7 +18,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import tempfile
 import time
 from collections.abc import AsyncIterator
@@ -27,7 +26,7 @@ from pathlib import Path
 from typing import Protocol
 
 from stacyvm_server.config import Settings
-from stacyvm_server.errors import BadRequest, NotFound, PortClosed, ProviderError, SandboxFileError
+from stacyvm_server.errors import BadRequest, NotFound, ProviderError, SandboxFileError
 from stacyvm_server.images.model import Image
 from stacyvm_server.providers.base import (
     ExecProcess,
@@ -492,7 +491,7 @@ class NativeProvider(Provider):
 # helpers -----------------------------------------------------------------------------
     # preview -------------------------------------------------------------------------
     async def connect(self, handle: SandboxHandle, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        """Connect to 127.0.0.1:port inside the sandbox's netns (network.socket_in_netns).
+        """Connect to 127.0.0.1:port inside the sandbox's netns (network.connect_in_netns).
 
         Works for servers bound to 127.0.0.1 or 0.0.0.0, for "none" and "bridge" alike.
         runsc is the exception: gVisor runs its own network stack (netstack) in the
@@ -501,24 +500,9 @@ class NativeProvider(Provider):
         sid = handle.sandbox_id
         path = handle.data.get("netns") or network.netns_path(sid)
         try:
-            sock = await asyncio.to_thread(network.socket_in_netns, path)
+            return await network.connect_in_netns(path, port, sid)
         except FileNotFoundError:
             raise NotFound(f"sandbox {sid} has no network namespace (is it running?)") from None
-        try:
-            sock.setblocking(False)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port)), 10)
-        except (ConnectionRefusedError, TimeoutError) as exc:
-            sock.close()
-            why = "connection refused" if isinstance(exc, ConnectionRefusedError) else "connect timed out"
-            raise PortClosed(
-                f"nothing is listening on port {port} in sandbox {sid} ({why}): start a server there that "
-                "binds 0.0.0.0 or 127.0.0.1"
-            ) from None
-        except BaseException:
-            sock.close()
-            raise
-        return await asyncio.open_connection(sock=sock, limit=256 * 1024)
 
 
 def _merge_env(*layers: list[str] | dict[str, str]) -> list[str]:
