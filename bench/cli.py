@@ -16,8 +16,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from bench import server as own_server
-from bench.api import Api
+from bench.api import Api, ApiError
 from bench.machine import describe
 from bench.raw import RawCrun, RawError, server_rootfs, uid_shift, umoci_rootfs
 from bench.raw_docker import RawDocker
@@ -202,16 +204,20 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     machine = describe(REPO)
     measured: dict[str, tuple[Results, dict[str, Any]]] = {}
+    failed: dict[str, str] = {}
     for label in wanted:
         work = Path(tempfile.mkdtemp(prefix=f"stacyvm-bench-{label}-"))
         work.chmod(0o711)  # sandbox roots (host uid 100000) must traverse to their bundles
         try:
             measured[label] = asyncio.run(measure(a, label, provider_plan(plan, *PROVIDERS[label]), work))
-        except (own_server.ServerError, RawError) as exc:
-            print(f"bench: {label}: {exc}", file=sys.stderr)
-            return 1
+        except (own_server.ServerError, RawError, ApiError, httpx.HTTPError, OSError) as exc:
+            # One provider that cannot run (e.g. dockerd went away) must not lose the others' results.
+            print(f"bench: {label}: {type(exc).__name__}: {exc}", file=sys.stderr)
+            failed[label] = f"{type(exc).__name__}: {str(exc)[:500]}"
         finally:
             shutil.rmtree(work, ignore_errors=True)
+    if not measured:
+        return 1
     head = {
         "command": command.strip(),
         "mode": "quick" if a.quick else "full",
@@ -219,10 +225,11 @@ def main(argv: list[str] | None = None) -> int:
         "duration_s": round(time.monotonic() - t0, 1),
         "load_avg_end": " ".join(f"{x:.2f}" for x in os.getloadavg()),
         "machine": machine.to_json(),
+        "providers_failed": failed,
     }
     doc = build_json(measured, head)
     if a.json_out:
         a.json_out.parent.mkdir(parents=True, exist_ok=True)
         a.json_out.write_text(json.dumps(doc, indent=1) + "\n")
     render(doc, a.out)
-    return 0
+    return 1 if failed else 0

@@ -152,6 +152,8 @@ def results_markdown(doc: dict[str, Any]) -> list[str]:
         f"Failed operations in this run, all providers and baselines: **{doc['errors_total']}**.",
         "",
     ]
+    for label, why in doc.get("providers_failed", {}).items():
+        out += [f"**{label} could not be measured in this run**: {why}", ""]
     for label, prov in doc["providers"].items():
         out += _provider_markdown(label, prov, doc["baselines"].get(prov["baseline"], {}))
     if doc["targets"] and "native" in doc["providers"]:
