@@ -92,10 +92,18 @@ def docker_bench_result(docker_daemon: None, test_images: dict[str, str],
         "--iterations", "2", "--exec-iterations", "4", "--warmup", "0", "--bursts", "3",
         "--file-mb", "1", "--json", str(json_path),
     ]
+    before = _raw_bench_containers()
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
     assert res.returncode == 0, f"bench failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
     doc: dict[str, Any] = json.loads(json_path.read_text())
+    doc["_leftovers"] = sorted(_raw_bench_containers() - before)
     return doc
+
+
+def _raw_bench_containers() -> set[str]:
+    """Names of the raw Docker baseline's containers on this dockerd (any state)."""
+    found = docker_api("GET", "/containers/json", all="1", filters=json.dumps({"label": ["stacyvm.bench=raw"]}))
+    return {n for c in found.json() for n in c["Names"] if n.startswith("/stacyvm-bench-raw-")}
 
 
 def test_docker_milestones_beside_raw_docker(docker_bench_result: dict[str, Any]) -> None:
@@ -110,6 +118,4 @@ def test_docker_milestones_beside_raw_docker(docker_bench_result: dict[str, Any]
         assert ms[name]["ratio_p50"] is not None
     assert not prov["extras"].get("cleanup_errors")
     assert {t["milestone"] for t in docker_bench_result["docker_targets"]} == {"create", "exec_true", "destroy"}
-    leftovers = docker_api("GET", "/containers/json", all="1",
-                           filters=json.dumps({"label": ["stacyvm.bench=raw"]})).json()
-    assert not [c for c in leftovers if any(n.startswith("/stacyvm-bench-raw-") for n in c["Names"])]
+    assert docker_bench_result["_leftovers"] == []
