@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from stacyvm_server.errors import ProviderError
@@ -59,3 +62,18 @@ def kill_group(pid: int) -> None:
         os.killpg(pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def kill_until_gone(members: Callable[[], Iterable[int]], timeout: float) -> None:
+    """Blocking. SIGKILL every pid `members()` lists until it lists none, for at most
+    `timeout` seconds: a process in the middle of fork() can leave a child the previous
+    pass did not see."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pids = list(members())
+        if not pids:
+            return
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.01)

@@ -14,14 +14,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import signal
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 from stacyvm_server.errors import ProviderError
 from stacyvm_server.providers.base import ExecProcess, ExitStatus, StreamName
 from stacyvm_server.providers.docker.client import STDERR, DockerAPIError, DockerClient, ExecStream
+from stacyvm_server.util.proc import kill_until_gone
 
 _EOT = b"\x04"  # VEOF in the default line discipline
 ExitReason = Callable[[int], Awaitable[str | None]]
@@ -198,15 +197,7 @@ def session_members(sid: int, container_id: str) -> list[int]:
 
 def kill_session(sid: int, container_id: str, timeout: float = 5.0) -> None:
     """SIGKILL the session's processes until none is left (forks racing the kill included)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        victims = session_members(sid, container_id)
-        if not victims:
-            return
-        for pid in victims:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        time.sleep(0.01)
+    kill_until_gone(lambda: session_members(sid, container_id), timeout)
 
 
 class FailedExec(ExecProcess):

@@ -46,7 +46,7 @@ from stacyvm_server.providers.native.process import KILL_SESSION_SCRIPT, NativeE
 from stacyvm_server.providers.native.pty import NativeTtyProcess, console_listen, receive_master
 from stacyvm_server.providers.native.runtime import OciRuntime
 from stacyvm_server.providers.native.users import resolve_user
-from stacyvm_server.util.proc import kill_group
+from stacyvm_server.util.proc import kill_group, kill_until_gone
 
 # runsc: host tasks of the gVisor sandbox (see NativeProvider._host_pids_limit).
 RUNSC_PIDS_BASE = 64
@@ -549,16 +549,7 @@ def _init_alive(d: Path) -> bool:
 
 
 def _kill_cgroup(sid: str) -> None:
-    import signal
-
-    for _ in range(50):
-        pids = cgroups.pids(sid)
-        if not pids:
-            return
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        time.sleep(0.01)
+    kill_until_gone(lambda: cgroups.pids(sid), timeout=1.0)
 
 
 def _tail(path: Path, lines: int) -> list[str]:
