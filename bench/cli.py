@@ -18,6 +18,7 @@ from typing import Any
 
 import httpx
 
+from bench import preview as preview_bench
 from bench import server as own_server
 from bench.api import Api, ApiError
 from bench.machine import describe
@@ -74,6 +75,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, help="write the Markdown report here (e.g. docs/benchmarks.md)")
     p.add_argument("--json", type=Path, dest="json_out", help="write the JSON results here")
     p.add_argument("--from-json", type=Path, help="measure nothing: render --out (and stdout) from a saved JSON run")
+    g = p.add_argument_group("preview proxy (--preview: only this, native provider; --out replaces only its section)")
+    g.add_argument("--preview", action="store_true",
+                   help="measure the preview proxy against a direct connection instead of the other milestones")
+    g.add_argument("--preview-requests", type=int, help="small-response samples per route (default 2000, quick 300)")
+    g.add_argument("--preview-rounds", type=int, help="req/s rounds per route (default 7, quick 3)")
+    g.add_argument("--preview-seconds", type=float, default=2.0, help="length of one req/s round (s)")
+    g.add_argument("--preview-concurrency", type=int, default=8, help="concurrent requests in a req/s round")
+    g.add_argument("--preview-mb", type=int, default=100, help="size of the large download (MB)")
+    g.add_argument("--preview-reps", type=int, help="large downloads per route (default 5, quick 1)")
+    g.add_argument("--preview-domain", default="localhost", help="server.preview_domain of a --url server")
     return p.parse_args(argv)
 
 
@@ -172,11 +183,90 @@ async def measure(a: argparse.Namespace, label: str, plan: Plan, work: Path) -> 
     return results, info
 
 
+def preview_plan(a: argparse.Namespace) -> preview_bench.PreviewPlan:
+    q = a.quick
+    return preview_bench.PreviewPlan(
+        requests=a.preview_requests or (300 if q else 2000),
+        warmup=a.warmup if a.warmup is not None else (20 if q else 100),
+        rps_rounds=a.preview_rounds or (3 if q else 7),
+        rps_seconds=a.preview_seconds,
+        concurrency=a.preview_concurrency,
+        big_mb=a.preview_mb,
+        big_reps=a.preview_reps if a.preview_reps is not None else (1 if q else 5),
+        image=a.python,
+        domain=a.preview_domain,
+    )
+
+
+async def measure_preview(a: argparse.Namespace, plan: preview_bench.PreviewPlan,
+                          work: Path) -> tuple[preview_bench.PreviewResults, dict[str, Any]]:
+    own = None
+    url = a.url
+    if not url:
+        log("preview: starting a server of our own (native provider, crun)")
+        own = own_server.start(work / "server", plan.image, "crun", "native")
+        url = own.url
+    api = Api(url, a.api_key)
+    server: dict[str, Any] = {"url": url, "own": own is not None}
+    try:
+        server["version"] = (await api.health()).get("version")
+        results = await preview_bench.PreviewBench(api, url, a.api_key, plan).run()
+    finally:
+        await api.aclose()
+        if own is not None:
+            own_server.stop(own)
+            server["log_tail"] = own.log_tail(15)
+    return results, server
+
+
+def run_preview(a: argparse.Namespace, argv: list[str] | None) -> int:
+    if shutil.which("crun") is None and not a.url:
+        print("bench: not installed: crun", file=sys.stderr)
+        return 2
+    command = "python -m bench " + " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))
+    started = datetime.now(UTC)
+    t0 = time.monotonic()
+    machine = describe(REPO)
+    work = Path(tempfile.mkdtemp(prefix="stacyvm-bench-preview-"))
+    work.chmod(0o711)
+    try:
+        results, server = asyncio.run(measure_preview(a, preview_plan(a), work))
+    except (own_server.ServerError, ApiError, httpx.HTTPError, OSError) as exc:
+        print(f"bench: preview: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    head = {
+        "command": command.strip(),
+        "mode": "quick" if a.quick else "full",
+        "started_at": started.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "duration_s": round(time.monotonic() - t0, 1),
+        "load_avg_end": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+        "machine": machine.to_json(),
+    }
+    doc = preview_bench.build_json(results, head, server)
+    if a.json_out:
+        a.json_out.parent.mkdir(parents=True, exist_ok=True)
+        a.json_out.write_text(json.dumps(doc, indent=1) + "\n")
+    render(doc, a.out)
+    return 1 if doc["errors_total"] else 0
+
+
 def render(doc: dict[str, Any], out: Path | None) -> None:
+    """Print the results; write --out: the whole page, or only the preview section for a preview run."""
+    old = out.read_text() if out and out.exists() else ""
+    if doc.get("kind") == "preview":
+        print("\n".join(preview_bench.results_markdown(doc)))
+        if out:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(preview_bench.splice(old, preview_bench.section(doc)))
+        return
     print("\n".join(results_markdown(doc)))
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(write_markdown(doc, TEMPLATE.read_text()))
+        text = write_markdown(doc, TEMPLATE.read_text())
+        kept = preview_bench.extract(old)  # a full run does not measure the preview: keep its section
+        out.write_text(preview_bench.splice(text, kept) if kept else text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -184,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.from_json:
         render(json.loads(a.from_json.read_text()), a.out)
         return 0
+    if a.preview:
+        return run_preview(a, argv)
     wanted = [p.strip() for p in a.providers.split(",") if p.strip()]
     unknown = [p for p in wanted if p not in PROVIDERS]
     if unknown:
