@@ -4,12 +4,12 @@ Two address forms reach port P of sandbox sb_x (docs/preview.md):
   host  `P-sb-x.<preview_domain>` (or `P-sb_x...`) on the API port, any path
   path  `/preview/sb_x/P/...` on the API host (absolute links in the app break)
 
-HTTP is spoken to the sandbox with h11 over a connection from `Provider.connect`:
-one upstream connection per request, bodies streamed both ways chunk by chunk
-(the ASGI server's flow control gives the backpressure), so memory stays constant
-for any body size, SSE and long polls pass unbuffered, and the API's body limit
-does not apply. WebSockets are accepted from the client, upgraded upstream with
-the `websockets` sans-I/O client protocol, and pumped message by message.
+HTTP is spoken to the sandbox with h11 over connections from `Provider.connect`,
+kept alive and reused per (sandbox, port) (UpstreamPool), bodies streamed both ways
+chunk by chunk (the ASGI server's flow control gives the backpressure), so memory
+stays constant for any body size, SSE and long polls pass unbuffered, and the API's
+body limit does not apply. WebSockets are accepted from the client, upgraded
+upstream with the `websockets` sans-I/O client protocol, and pumped message by message.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import contextlib
 import logging
 import re
 import time
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from http.cookies import SimpleCookie
 from typing import TYPE_CHECKING, Any
@@ -51,10 +52,107 @@ _HOP = {b"connection", b"keep-alive", b"proxy-connection", b"proxy-authenticate"
 _DROP_UP = _HOP | {b"host", TOKEN_HEADER, b"expect", b"content-length", b"x-forwarded-proto", b"x-forwarded-host"}
 _DROP_WS = _DROP_UP | {b"sec-websocket-key", b"sec-websocket-version", b"sec-websocket-extensions",
                        b"sec-websocket-protocol"}
+# Requests that may go over a reused upstream connection, and be sent again on a new one when the
+# reused one turns out closed by the app before any answer: idempotent (RFC 9110 9.2.2) and bodyless.
+_REUSABLE_METHODS = {"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"}
+# Idle upstream connections: how many per (sandbox, port), and for how long. Below the usual
+# keep-alive timeouts of dev servers (Node and uvicorn 5 s), so the app rarely closes one first.
+POOL_MAX_IDLE = 16
+POOL_IDLE_SECONDS = 4.0
+_POOL_SWEEP_SECONDS = 1.0
 
 
 class _ClientGone(Exception):
     pass
+
+
+class _Stale(Exception):
+    """A reused upstream connection ended before any byte of the answer: send again on a new one."""
+
+
+class _Upstream:
+    """One keep-alive connection to a port in a sandbox."""
+
+    __slots__ = ("idle_since", "reader", "writer")
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        self.idle_since = 0.0
+
+    def usable(self) -> bool:
+        """Not closed by either side, and nothing unasked-for waiting to be read."""
+        return not (self.writer.is_closing() or self.reader.at_eof() or self.reader.exception() is not None
+                    or getattr(self.reader, "_buffer", None))
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+PoolKey = tuple[str, str, int]  # (provider, sandbox id, port)
+
+
+class UpstreamPool:
+    """Idle upstream connections, reused for later requests to the same (provider, sandbox, port).
+
+    A connection is only ever reused for the sandbox and port it was opened to; every request is
+    authorized (token, port, sandbox state) before it may take one. A sweep every second closes
+    connections idle for POOL_IDLE_SECONDS or closed by the app (when a sandbox is destroyed its
+    processes die and their ends close), so no socket keeps a destroyed sandbox's netns alive
+    for more than about a second.
+    """
+
+    def __init__(self, max_idle: int = POOL_MAX_IDLE, idle_seconds: float = POOL_IDLE_SECONDS) -> None:
+        self.max_idle = max_idle
+        self.idle_seconds = idle_seconds
+        self._idle: dict[PoolKey, list[_Upstream]] = {}
+        self._sweeper: asyncio.TimerHandle | None = None
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self._idle.values())
+
+    def take(self, key: PoolKey) -> _Upstream | None:
+        conns = self._idle.get(key)
+        now = time.monotonic()
+        while conns:
+            up = conns.pop()  # the most recently used: the least likely to have timed out
+            if now - up.idle_since < self.idle_seconds and up.usable():
+                return up
+            up.close()
+        self._idle.pop(key, None)
+        return None
+
+    def give(self, key: PoolKey, up: _Upstream) -> None:
+        conns = self._idle.setdefault(key, [])
+        if len(conns) >= self.max_idle or not up.usable():
+            up.close()
+            return
+        up.idle_since = time.monotonic()
+        conns.append(up)
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().call_later(_POOL_SWEEP_SECONDS, self._sweep)
+
+    def _sweep(self) -> None:
+        self._sweeper = None
+        now = time.monotonic()
+        for key, conns in list(self._idle.items()):
+            keep = []
+            for up in conns:
+                if now - up.idle_since < self.idle_seconds and up.usable():
+                    keep.append(up)
+                else:
+                    up.close()
+            if keep:
+                self._idle[key] = keep
+            else:
+                del self._idle[key]
+        if self._idle:
+            self._sweeper = asyncio.get_running_loop().call_later(_POOL_SWEEP_SECONDS, self._sweep)
+
+    def drop(self, sandbox_id: str) -> None:
+        """Close every idle connection to this sandbox."""
+        for key in [k for k in self._idle if k[1] == sandbox_id]:
+            for up in self._idle.pop(key):
+                up.close()
 
 
 @dataclass(frozen=True)
@@ -86,6 +184,7 @@ class PreviewProxy:
         self.config = core.settings.preview
         domain = re.escape(core.settings.server.preview_domain.lower())
         self._host_re = re.compile(rf"^(\d{{1,5}})-([a-z0-9][a-z0-9_-]*)\.{domain}(?::\d+)?$")
+        self.pool = UpstreamPool()
 
     # routing ---------------------------------------------------------------------------
     def _match(self, scope: Scope) -> Target | None:
@@ -150,6 +249,7 @@ class PreviewProxy:
         token, from_query, query = self._token(scope, target)
         sb = await self.core.previews.authorize(target.sandbox_id, port, token)
         if sb.handle is None or sb.state != "running":
+            self.pool.drop(sb.id)
             raise Unavailable(f"sandbox {sb.id} is {sb.state}, not running")
         if scope["type"] == "http":
             if target.prefix and target.path == b"/" and not scope["path"].endswith("/"):
@@ -162,12 +262,18 @@ class PreviewProxy:
                 return
         upstream_target = target.path + (b"?" + query.encode("latin-1") if query else b"")
         provider = self.core.sandboxes.provider(sb.provider)
-        reader, writer = await provider.connect(sb.handle, port)
+        handle = sb.handle
+
+        async def connect() -> _Upstream:
+            return _Upstream(*await provider.connect(handle, port))
+
+        if scope["type"] == "http":
+            key = (sb.provider, sb.id, port)
+            await _HttpExchange(self, scope, receive, send, target, key, connect).run(upstream_target)
+            return
+        reader, writer = await provider.connect(handle, port)
         try:
-            if scope["type"] == "http":
-                await _HttpExchange(self, scope, receive, send, target, reader, writer).run(upstream_target)
-            else:
-                await _WsBridge(self, scope, receive, send, target, reader, writer).run(upstream_target)
+            await _WsBridge(self, scope, receive, send, target, reader, writer).run(upstream_target)
         finally:
             writer.close()
             with contextlib.suppress(Exception):
@@ -235,66 +341,117 @@ class _WsDenial:
 
 
 class _HttpExchange:
+    """One proxied HTTP request and its answer, over a pooled or a new upstream connection."""
+
     def __init__(self, proxy: PreviewProxy, scope: Scope, receive: Receive, send: Send, target: Target,
-                 reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+                 key: PoolKey, connect: Callable[[], Awaitable[_Upstream]]) -> None:
         self.proxy, self.scope, self.receive, self.send, self.target = proxy, scope, receive, send, target
-        self.reader, self.writer = reader, writer
-        self.conn = h11.Connection(h11.CLIENT)
+        self.key, self.connect = key, connect
         self.started = False
 
     async def run(self, upstream_target: bytes) -> None:
-        headers = self.proxy.upstream_headers(self.scope, self.target, _DROP_UP)
-        length = _header(self.scope, b"content-length")
+        scope = self.scope
+        headers = self.proxy.upstream_headers(scope, self.target, _DROP_UP)
+        length = _header(scope, b"content-length")
+        chunked = "chunked" in (_header(scope, b"transfer-encoding") or "").lower()
         if length is not None:
             headers.append((b"content-length", length.encode()))
-        elif "chunked" in (_header(self.scope, b"transfer-encoding") or "").lower():
+        elif chunked:
             headers.append((b"transfer-encoding", b"chunked"))
-        headers.append((b"connection", b"close"))
-        self.writer.write(self.conn.send(h11.Request(method=self.scope["method"], target=upstream_target,
-                                                     headers=headers)) or b"")
-        pump = asyncio.create_task(self._pump_request())
-        answer = asyncio.create_task(self._pump_response())
+        request = h11.Request(method=scope["method"], target=upstream_target, headers=headers)
+        bodyless = not chunked and (length is None or length.strip() == "0")
+        if not bodyless:
+            # The body streams from the client as it comes, so it cannot be sent twice: a new connection.
+            up = await self.connect()
+            conn = h11.Connection(h11.CLIENT)
+            up.writer.write(conn.send(request) or b"")
+            await self._exchange(self._pump_request(conn, up.writer), conn, up, reused=False)
+            return
+        up_or_none = self.proxy.pool.take(self.key) if scope["method"] in _REUSABLE_METHODS else None
+        watch = asyncio.create_task(self._watch_client())
+        try:
+            while True:
+                reused = up_or_none is not None
+                up = up_or_none if up_or_none is not None else await self.connect()
+                conn = h11.Connection(h11.CLIENT)
+                up.writer.write((conn.send(request) or b"") + (conn.send(h11.EndOfMessage()) or b""))
+                try:
+                    await self._exchange(watch, conn, up, reused)
+                    return
+                except _Stale:
+                    up_or_none = None  # the app had closed it: once more on a new connection
+        finally:
+            watch.cancel()
+            with contextlib.suppress(BaseException):
+                await watch
+
+    async def _exchange(self, client: Coroutine[Any, Any, None] | asyncio.Task[None], conn: h11.Connection,
+                        up: _Upstream, reused: bool) -> None:
+        """Pump the answer while `client` reads the client side; pool the connection if it ended cleanly."""
+        pump = client if isinstance(client, asyncio.Task) else asyncio.create_task(client)
+        answer = asyncio.create_task(self._pump_response(conn, up, reused))
+        clean = False
         try:
             done, _ = await asyncio.wait({pump, answer}, return_when=asyncio.FIRST_COMPLETED)
             if answer in done:
                 answer.result()
+                clean = (conn.our_state is h11.DONE and conn.their_state is h11.DONE
+                         and conn.trailing_data == (b"", False))
             else:
                 exc = pump.exception()
                 if exc is not None and not isinstance(exc, _ClientGone):
                     raise exc
         finally:
-            for t in (pump, answer):
+            tasks = (answer,) if pump is client else (pump, answer)
+            for t in tasks:
                 t.cancel()
-            for t in (pump, answer):
+            for t in tasks:
                 with contextlib.suppress(BaseException):
                     await t
+            if clean:
+                self.proxy.pool.give(self.key, up)
+            else:
+                up.close()
 
-    async def _pump_request(self) -> None:
+    async def _watch_client(self) -> None:
+        """A bodyless request: read its (empty) body, then wait for the client to leave."""
+        while True:
+            message = await self.receive()
+            if message["type"] == "http.disconnect":
+                raise _ClientGone
+
+    async def _pump_request(self, conn: h11.Connection, writer: asyncio.StreamWriter) -> None:
         while True:
             message = await self.receive()
             if message["type"] == "http.disconnect":
                 raise _ClientGone
             body = message.get("body", b"")
-            if body and self.conn.our_state is h11.SEND_BODY:
-                self.writer.write(self.conn.send(h11.Data(data=body)) or b"")
-                await self.writer.drain()
+            if body and conn.our_state is h11.SEND_BODY:
+                writer.write(conn.send(h11.Data(data=body)) or b"")
+                await writer.drain()
             if not message.get("more_body", False):
                 break
-        if self.conn.our_state is h11.SEND_BODY:
-            self.writer.write(self.conn.send(h11.EndOfMessage()) or b"")
-            await self.writer.drain()
+        if conn.our_state is h11.SEND_BODY:
+            writer.write(conn.send(h11.EndOfMessage()) or b"")
+            await writer.drain()
         while (await self.receive())["type"] != "http.disconnect":
             pass
         raise _ClientGone  # the client left: the response task is cancelled with us
 
-    async def _pump_response(self) -> None:
+    async def _pump_response(self, conn: h11.Connection, up: _Upstream, reused: bool) -> None:
+        answered = False  # any byte from the app yet
         try:
             while True:
-                event = self.conn.next_event()
+                event = conn.next_event()
                 if event is h11.NEED_DATA:
-                    data = await self.reader.read(_CHUNK)
-                    self.conn.receive_data(data)
+                    data = await up.reader.read(_CHUNK)
+                    if not data and reused and not answered:
+                        raise _Stale
+                    answered = answered or bool(data)
+                    conn.receive_data(data)
                     continue
+                if event is h11.PAUSED:  # a 101 to a request that asked for no upgrade
+                    raise h11.RemoteProtocolError("the server switched protocols unasked")
                 if isinstance(event, h11.InformationalResponse):
                     continue
                 if isinstance(event, h11.Response):
@@ -308,6 +465,8 @@ class _HttpExchange:
                     await self.send({"type": "http.response.body", "body": b""})
                     return
         except (h11.RemoteProtocolError, ConnectionError) as exc:
+            if reused and not answered:
+                raise _Stale from None
             if self.started:
                 raise  # half sent: the ASGI server drops the connection
             raise BadGateway(f"the server on port {self.target.port} in the sandbox sent a bad answer: {exc}") from None
