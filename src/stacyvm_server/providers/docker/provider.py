@@ -133,9 +133,14 @@ class DockerProvider(Provider):
 
     # images ------------------------------------------------------------------------
     async def ensure_image(self, ref: str) -> str:
+        """The image (after `images.aliases`) present in dockerd, pulled when missing."""
         ref = self.settings.images.aliases.get(ref, ref)
+        await self._ensure_pulled(ref)
+        return ref
+
+    async def _ensure_pulled(self, ref: str) -> None:
         if await self.client.request("GET", f"/images/{ref}/json", ok=(404,)) is not None:
-            return ref
+            return
         fut = self._pulls.get(ref)
         if fut is None:
             fut = asyncio.get_running_loop().create_future()
@@ -155,7 +160,6 @@ class DockerProvider(Provider):
                 self._pulls.pop(ref, None)
         else:
             await asyncio.shield(fut)
-        return ref
 
     async def _pull(self, ref: str) -> None:
         image, tag = _split_ref(ref)
@@ -241,19 +245,19 @@ class DockerProvider(Provider):
         sid = spec.sandbox_id
         if spec.memory_mb < 6 or spec.vcpus < 1 or spec.pids_limit < 8:
             raise BadRequest("memory_mb >= 6, vcpus >= 1 and pids_limit >= 8 are required")
-        image = await self.ensure_image(spec.image)
+        image = self.settings.images.aliases.get(spec.image, spec.image)
         name = container_name(sid)
         handle = SandboxHandle(sid, self.name, {"container": name, "network": spec.network,
                                                 "runtime": self.cfg.runtime})
-        try:
-            created = await self.client.request("POST", "/containers/create", params={"name": name},
-                                                body=self._container_body(spec, image))
-        except DockerAPIError as exc:
-            if exc.http_status == 409:
-                raise ProviderError(f"sandbox {sid} already exists on this docker host") from None
-            if exc.http_status == 404:
-                raise ImageNotFound(f"image {spec.image}: {exc.docker_message}") from None
-            raise
+        body = self._container_body(spec, image)
+        # No image check first: `containers/create` says "No such image" itself (as `docker
+        # run` relies on), so a cached image costs no extra round trip; a missing one is
+        # pulled (once for concurrent spawns) and the create is sent again.
+        created = await self._create_container(spec, body, pull=True)
+        if created is None:
+            await self._ensure_pulled(image)
+            created = await self._create_container(spec, body, pull=False)
+        assert created is not None
         handle.data["id"] = created["Id"]
         try:
             await self.client.request("POST", f"/containers/{created['Id']}/start", timeout=120)
@@ -262,6 +266,21 @@ class DockerProvider(Provider):
             raise
         self._ids[sid] = created["Id"]
         return handle
+
+    async def _create_container(self, spec: SandboxSpec, body: dict[str, Any], pull: bool) -> dict[str, Any] | None:
+        """`POST /containers/create`; None when the image is missing and `pull` allows pulling it."""
+        try:
+            created: dict[str, Any] = await self.client.request(
+                "POST", "/containers/create", params={"name": container_name(spec.sandbox_id)}, body=body)
+        except DockerAPIError as exc:
+            if exc.http_status == 409:
+                raise ProviderError(f"sandbox {spec.sandbox_id} already exists on this docker host") from None
+            if exc.http_status == 404:
+                if pull and "no such image" in exc.docker_message.lower():
+                    return None
+                raise ImageNotFound(f"image {spec.image}: {exc.docker_message}") from None
+            raise
+        return created
 
     async def _remove(self, ref: str) -> None:
         await self.client.request("DELETE", f"/containers/{ref}", params={"force": "1", "v": "1"},
@@ -397,9 +416,14 @@ class DockerProvider(Provider):
         """The container's memory cgroup dir on this host (None if unknown), for OOM accounting."""
         sid = handle.sandbox_id
         if sid not in self._memcg:
-            data = await self._inspect(handle)
-            pid = int(((data or {}).get("State") or {}).get("Pid") or 0)
-            self._memcg[sid] = await asyncio.to_thread(_find_memcg, pid) if pid else None
+            # Docker's own cgroup paths first (a stat, no round trip); the init pid's
+            # cgroup (from an inspect) when dockerd runs with another cgroup parent.
+            memcg = _docker_memcg(cid)
+            if memcg is None:
+                data = await self._inspect(handle)
+                pid = int(((data or {}).get("State") or {}).get("Pid") or 0)
+                memcg = await asyncio.to_thread(_find_memcg, pid) if pid else None
+            self._memcg[sid] = memcg
         return self._memcg[sid]
 
     async def _helper(self, handle: SandboxHandle, script: str, *args: str) -> tuple[int, bytes, bytes]:
@@ -636,6 +660,19 @@ def _image_error(ref: str, message: str) -> ImageError:
     if any(s in low for s in ("not found", "manifest unknown", "does not exist", "no such image")):
         return ImageNotFound(f"image {ref} not found: {message}")
     return ImageError(f"cannot pull image {ref}: {message}")
+
+
+def _docker_memcg(cid: str) -> Path | None:
+    """The memory cgroup Docker makes for container `cid` with the default cgroup parent:
+    cgroupfs or systemd driver, cgroup v1 or v2."""
+    for d in (Path("/sys/fs/cgroup/memory/docker") / cid,
+              Path("/sys/fs/cgroup/memory/system.slice") / f"docker-{cid}.scope"):
+        if (d / "memory.oom_control").exists():
+            return d
+    for d in (Path("/sys/fs/cgroup/docker") / cid, Path("/sys/fs/cgroup/system.slice") / f"docker-{cid}.scope"):
+        if (d / "memory.events").exists():
+            return d
+    return None
 
 
 def _find_memcg(pid: int) -> Path | None:
