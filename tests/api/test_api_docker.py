@@ -4,11 +4,13 @@ the SIGKILL-and-restart check: sandboxes are adopted, orphans destroyed, nothing
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import shutil
 import signal
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from stacyvm import Client, SandboxNotFound
 
@@ -18,7 +20,7 @@ from stacyvm_server.providers.base import SandboxSpec
 from stacyvm_server.providers.docker import DockerProvider
 from tests.conftest import ServerProc, destroy_all, start_server, stop_server
 from tests.providers import docker_fixtures
-from tests.providers.docker_fixtures import DOCKER_BUSYBOX, labelled_containers
+from tests.providers.docker_fixtures import DOCKER_BUSYBOX, docker_api, labelled_containers
 
 docker_daemon = docker_fixtures.docker_daemon
 
@@ -112,3 +114,41 @@ def test_sigkill_and_restart_adopts_and_leaves_nothing(docker_daemon: None, test
             server.proc.kill()
             server.proc.wait(10)
         shutil.rmtree(server.data_dir, ignore_errors=True)
+
+
+def test_spawn_runtime_field(docker_daemon: None, test_images: dict[str, str],
+                             tmp_path_factory: pytest.TempPathFactory) -> None:
+    """`runtime` on spawn: allowed runtimes are used, the rest is a 400 before anything is made."""
+    if "runsc" not in (docker_api("GET", "/info").json().get("Runtimes") or {}):
+        pytest.skip("runsc is not registered in dockerd here (scripts/setup-docker.sh registers it)")
+    server = start_server(tmp_path_factory.mktemp("docker-runtime"),
+                          extra={"docker": {"enabled": True, "allowed_runtimes": ["runsc"]}})
+    ours = f"stacyvm.instance={hashlib.sha256(str(server.data_dir.resolve()).encode()).hexdigest()[:16]}"
+    try:
+        with httpx.Client(base_url=server.base_url + "/api/v1", timeout=60) as api:
+            body = {"provider": "docker", "image": DOCKER_BUSYBOX, "ttl": "10m"}
+            for runtime, says in (("crun", "is not allowed here (allowed: runc, runsc"),
+                                  ("nope", "is unknown"), (7, "runtime: must be a string")):
+                r = api.post("/sandboxes", json={**body, "runtime": runtime})
+                assert r.status_code == 400, r.text
+                assert r.json()["code"] == "bad_request" and says in r.json()["message"], r.text
+            r = api.post("/sandboxes", json={"provider": "native", "runtime": "runc"})
+            assert r.status_code == 400 and "no per-spawn runtime choice" in r.json()["message"], r.text
+            assert api.get("/sandboxes").json() == []  # nothing stored for the refused spawns
+            assert labelled_containers(ours) == []
+            made = {}
+            for runtime in ("runsc", None):
+                r = api.post("/sandboxes", json={**body, **({"runtime": runtime} if runtime else {})})
+                assert r.status_code == 201, r.text
+                made[runtime or "runc"] = r.json()["id"]
+            assert len(labelled_containers(ours)) == 2
+            for runtime, sid in made.items():
+                info = docker_api("GET", f"/containers/stacyvm-{sid}/json").json()
+                assert info["HostConfig"]["Runtime"] == runtime
+                out = api.post(f"/sandboxes/{sid}/exec", json={"command": "cat /proc/version"}).json()["stdout"]
+                assert ("4.4.0" in out) == (runtime == "runsc")  # gVisor's kernel version
+    finally:
+        destroy_all(server)
+        stop_server(server)
+        shutil.rmtree(server.data_dir, ignore_errors=True)
+    assert labelled_containers(ours) == []

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from stacyvm_server.errors import ImageError, ImageNotFound
+from stacyvm_server.errors import BadRequest, ImageError, ImageNotFound
 from stacyvm_server.ids import new_sandbox_id
 from stacyvm_server.providers.base import ExecSpec, Provider, SandboxSpec
 from stacyvm_server.providers.docker import DockerProvider
@@ -117,7 +117,7 @@ class DockerChecks(ProviderConformance):
         hc = info["HostConfig"]
         assert hc["CapDrop"] == ["ALL"] and "SYS_ADMIN" not in hc["CapAdd"]
         assert "no-new-privileges:true" in hc["SecurityOpt"] and not hc["Privileged"]
-        assert hc["Init"] is True and hc["PidsLimit"] == p._host_pids_limit(256)
+        assert hc["Init"] is True and hc["PidsLimit"] == p._host_pids_limit(256, self.runtime)
         assert hc["Memory"] == hc["MemorySwap"] == 256 << 20 and hc["NanoCpus"] == 1_000_000_000
         assert hc["Runtime"] == self.runtime
         assert info["Config"]["Labels"]["stacyvm.sandbox_id"] == h.sandbox_id  # type: ignore[attr-defined]
@@ -239,6 +239,59 @@ class TestDockerSpecific:
             assert pulls == [ref]
         finally:
             await asyncio.gather(*(p.destroy(h) for h in handles))
+
+    async def test_per_spawn_runtime_allowed_and_refused(self, docker_daemon: None, docker_scratch: Path) -> None:
+        """docker.allowed_runtimes: a spawn may ask for runsc on a runc server; other runtimes are refused."""
+        if "runsc" not in (docker_api("GET", "/info").json().get("Runtimes") or {}):
+            pytest.skip("runsc is not registered in dockerd here (scripts/setup-docker.sh registers it)")
+        p = _docker(await make_docker_provider(docker_scratch / "rt", allowed_runtimes=["runsc"]))
+        try:
+            assert p.runtimes == ("runc", "runsc")
+            for refused in ("crun", "kata-runtime", "nope"):
+                with pytest.raises(BadRequest, match=f"runtime '{refused}'"):
+                    p.check_runtime(refused)
+                with pytest.raises(BadRequest):
+                    await p.create(SandboxSpec(new_sandbox_id(), DOCKER_BUSYBOX, 64, 1, runtime=refused))
+            assert labelled_containers(f"stacyvm.instance={p.instance}") == []
+            gv = await p.create(SandboxSpec(new_sandbox_id(), DOCKER_BUSYBOX, 64, 1, runtime="runsc"))
+            rc = await p.create(SandboxSpec(new_sandbox_id(), DOCKER_BUSYBOX, 64, 1))
+            for h, rt in ((gv, "runsc"), (rc, "runc")):
+                assert h.data["runtime"] == rt
+                info = docker_api("GET", f"/containers/{h.data['id']}/json").json()
+                assert info["HostConfig"]["Runtime"] == rt and info["Config"]["Labels"]["stacyvm.runtime"] == rt
+                assert info["HostConfig"]["PidsLimit"] == p._host_pids_limit(256, rt)
+            # gVisor's own kernel answers inside the runsc sandbox; the host's inside the runc one.
+            assert b"4.4.0" in (await run(p, gv, ["cat", "/proc/version"])).out
+            assert b"4.4.0" not in (await run(p, rc, ["cat", "/proc/version"])).out
+            # The runsc code paths follow the sandbox, not docker.runtime: writes by exec, in-sandbox kill.
+            await p.write_file(gv, "/tmp/f.txt", chunks_of(b"written into gVisor"))
+            assert (await run(p, gv, ["cat", "/tmp/f.txt"])).out == b"written into gVisor"
+            proc = await p.exec(gv, ExecSpec(argv=sh("sleep 1000 & sleep 1000")))
+            for _ in range(50):
+                if (await run(p, gv, ["ps"])).out.decode().count("sleep 1000") == 2:
+                    break
+                await asyncio.sleep(0.1)
+            await proc.kill()
+            assert (await asyncio.wait_for(proc.wait(), 10)).exit_code == 137
+            assert "sleep 1000" not in (await run(p, gv, ["ps"])).out.decode()
+            inv = {i.sandbox_id: i.handle.data["runtime"] for i in await p.inventory()}
+            assert inv == {gv.sandbox_id: "runsc", rc.sandbox_id: "runc"}  # from the stacyvm.runtime label
+        finally:
+            await destroy_everything(p)
+            await p.close()
+        assert labelled_containers(f"stacyvm.instance={p.instance}") == []
+
+    async def test_allowed_runtime_not_in_dockerd_is_dropped(self, docker_daemon: None, docker_scratch: Path) -> None:
+        registered = set(docker_api("GET", "/info").json().get("Runtimes") or {})
+        if "kata-runtime" in registered:
+            pytest.skip("kata-runtime is registered here")
+        p = _docker(await make_docker_provider(docker_scratch / "rt2", allowed_runtimes=["kata-runtime"]))
+        try:
+            assert p.runtimes == ("runc",)
+            with pytest.raises(BadRequest, match="not registered in dockerd"):
+                p.check_runtime("kata-runtime")
+        finally:
+            await p.close()
 
     async def test_readonly_rootfs(self, docker_daemon: None, docker_scratch: Path) -> None:
         p = await make_docker_provider(docker_scratch / "ro", readonly_rootfs=True)

@@ -87,12 +87,9 @@ class TestDockerTtyRefusedOtherRuntimes:
         from stacyvm_server.providers.docker import DockerProvider
 
         assert isinstance(provider, DockerProvider)
-        real = provider.cfg.runtime
-        object.__setattr__(provider.cfg, "runtime", "crun")
-        try:
-            with pytest.raises(BadRequest, match="runc"):
-                await provider.exec(sandbox, ExecSpec(["/bin/sh"], stdin=True, tty=True))
-        finally:
-            object.__setattr__(provider.cfg, "runtime", real)
+        # The runtime is the sandbox's (its handle's), not the server's: a crun sandbox's handle.
+        as_crun = SandboxHandle(sandbox.sandbox_id, sandbox.provider, {**sandbox.data, "runtime": "crun"})
+        with pytest.raises(BadRequest, match="runc"):
+            await provider.exec(as_crun, ExecSpec(["/bin/sh"], stdin=True, tty=True))
 
 

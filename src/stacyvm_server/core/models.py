@@ -88,6 +88,7 @@ class SpawnRequest:
     network: str | None = None
     env: dict[str, str] = field(default_factory=dict)
     disk_mb: int | None = None  # cap on the writable layer; None = the server default
+    runtime: str | None = None  # OCI runtime, where the provider lets a spawn choose; None = its default
 
 
 @dataclass(frozen=True)

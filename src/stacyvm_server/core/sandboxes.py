@@ -182,7 +182,7 @@ class SandboxService:
         owner = caller.owner_id if caller.owner_id is not None else normalize_owner(req.owner_id)
         tmpl = self.store.get_template(req.template) if req.template else None
         provider = req.provider or (tmpl.provider if tmpl else "") or d.provider
-        self.provider(provider)
+        self.provider(provider).check_runtime(req.runtime)
         image = req.image or (tmpl.image if tmpl else "") or d.image
         memory = req.memory_mb if req.memory_mb is not None else (tmpl.memory_mb if tmpl else d.memory_mb)
         vcpus = req.vcpus if req.vcpus is not None else (tmpl.vcpus if tmpl else d.vcpus)
@@ -263,7 +263,7 @@ class SandboxService:
 
     async def spawn(self, caller: Caller, req: SpawnRequest) -> Sandbox:
         self._require_write(caller)
-        sb, env = self._resolve(caller, req)
+        sb, env = self._resolve(caller, req)  # runtime checked there (400 before anything is stored)
         denied = self.store.reserve(
             sb, self.settings.defaults.max_sandboxes, self.limits.max_sandboxes_per_owner(sb.owner_id)
         )
@@ -278,9 +278,9 @@ class SandboxService:
             self.events.publish("resource.limit", None, {"operation": "spawn", "provider": sb.provider, "error": msg})
             raise ResourceLimit(msg)
         # Shielded: a client that hangs up mid-create must not leave a half-made sandbox.
-        return await asyncio.shield(self._create(sb, env))
+        return await asyncio.shield(self._create(sb, env, req.runtime))
 
-    async def _create(self, sb: Sandbox, env: dict[str, str]) -> Sandbox:
+    async def _create(self, sb: Sandbox, env: dict[str, str], runtime: str | None = None) -> Sandbox:
         provider = self.provider(sb.provider)
         spec = SandboxSpec(
             sandbox_id=sb.id,
@@ -292,6 +292,7 @@ class SandboxService:
             pids_limit=self.settings.defaults.pids_limit,
             disk_mb=sb.disk_mb,
             labels={"owner": sb.owner_id or "", "expires_at": sb.expires_at.isoformat()},
+            runtime=runtime,
         )
         async with self._lock(sb.id):
             self.events.publish("sandbox.created", sb.id)

@@ -163,13 +163,14 @@ class SpawnBody(_Body):
     network: Literal["none", "bridge"] | None = None
     env: dict[str, str] | None = None
     disk_mb: int | None = Field(default=None, gt=0, le=_MAX_INT)
+    runtime: str | None = Field(default=None, max_length=64)
 
     @field_validator("ttl")
     @classmethod
     def _ttl(cls, v: str | None) -> str | None:
         return check_duration(v, "ttl", positive=True)
 
-    @field_validator("image", "provider", "template", "owner_id")
+    @field_validator("image", "provider", "template", "owner_id", "runtime")
     @classmethod
     def _text(cls, v: str | None, info: Any) -> str | None:
         return None if v is None else check_text(v, info.field_name)
@@ -192,6 +193,7 @@ class SpawnBody(_Body):
             network=self.network,
             env=dict(self.env or {}),
             disk_mb=self.disk_mb,
+            runtime=self.runtime or None,
         )
 
 

@@ -35,6 +35,9 @@ class SandboxSpec:
     # Free-form labels the provider stores with the sandbox so inventory() can
     # report them after a restart (owner, expires_at, ...).
     labels: dict[str, str] = field(default_factory=dict)
+    # The OCI runtime asked for at spawn (None: the provider's configured one);
+    # core has checked it with Provider.check_runtime().
+    runtime: str | None = None
 
 
 @dataclass
@@ -155,6 +158,15 @@ class Provider(abc.ABC):
 
     @abc.abstractmethod
     async def health(self) -> ProviderHealth: ...
+
+    def check_runtime(self, runtime: str | None) -> None:
+        """Raise BadRequest unless a spawn may ask for this OCI runtime (None: the default).
+
+        Called by core before anything is stored. Providers that let a spawn choose
+        (docker: `docker.allowed_runtimes`) override this; the others take none."""
+        if runtime is not None:
+            raise BadRequest(f"runtime: the {self.name} provider has no per-spawn runtime choice "
+                             f"(leave runtime out)")
 
     # lifecycle -------------------------------------------------------------
     @abc.abstractmethod

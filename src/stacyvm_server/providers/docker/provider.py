@@ -1,8 +1,9 @@
 """The docker provider: one container per sandbox through the Docker Engine API.
 
 A sandbox is the container `stacyvm-<sandbox id>`, labelled `stacyvm.sandbox_id`,
-`stacyvm.instance` (which server owns it) and `stacyvm.<label>` for every spec
-label (`stacyvm.owner`, `stacyvm.expires_at`, ...). Its main process is
+`stacyvm.instance` (which server owns it), `stacyvm.runtime` (its OCI runtime:
+`docker.runtime`, or one of `docker.allowed_runtimes` a spawn asked for) and
+`stacyvm.<label>` for every spec label (`stacyvm.owner`, `stacyvm.expires_at`, ...). Its main process is
 `sleep` from our static busybox (bind-mounted read-only at /.stacyvm/busybox)
 under Docker's init, so any image works, even one without a shell.
 Everything else lives in Docker: no host state of ours per sandbox.
@@ -59,7 +60,9 @@ LABEL = "stacyvm."
 ID_LABEL = "stacyvm.sandbox_id"
 INSTANCE_LABEL = "stacyvm.instance"
 NETWORK_LABEL = "stacyvm.network_mode"
-_INTERNAL = {ID_LABEL, INSTANCE_LABEL, NETWORK_LABEL}
+RUNTIME_LABEL = "stacyvm.runtime"
+_INTERNAL = {ID_LABEL, INSTANCE_LABEL, NETWORK_LABEL, RUNTIME_LABEL}
+KNOWN_RUNTIMES = ("runc", "crun", "runsc", "kata-runtime")
 MAIN_CMD = [files.HELPER, "sleep", "2147483647"]
 RW_VOLUMES = ("/tmp", "/workspace")
 RUNSC_PIDS_BASE = 64
@@ -96,6 +99,9 @@ class DockerProvider(Provider):
         self._memcg: dict[str, Path | None] = {}
         self.bridge = self.cfg.bridge_name
         self._exec_seq = 0
+        # Runtimes a spawn may ask for: docker.runtime plus docker.allowed_runtimes that
+        # dockerd has registered (start() drops the others, with a warning).
+        self.runtimes: tuple[str, ...] = tuple(dict.fromkeys([self.cfg.runtime, *self.cfg.allowed_runtimes]))
 
     # provider-wide ---------------------------------------------------------------
     async def start(self) -> None:
@@ -108,9 +114,15 @@ class DockerProvider(Provider):
         if self.cfg.runtime not in runtimes:
             raise ProviderError(f"docker provider: runtime {self.cfg.runtime!r} is not registered in dockerd "
                                 f"(has {', '.join(sorted(runtimes))}); see /etc/docker/daemon.json")
-        if self.cfg.runtime in ("crun", "kata-runtime"):
-            log.warning("docker: runtime %s is not fully supported: kill() of an exec's process tree does "
-                        "not work under it yet (docs/docker-provider.md)", self.cfg.runtime)
+        missing = [r for r in self.runtimes if r not in runtimes]
+        if missing:
+            log.warning("docker: allowed_runtimes %s are not registered in dockerd (has %s): spawns asking for "
+                        "them are refused", ", ".join(missing), ", ".join(sorted(runtimes)))
+            self.runtimes = tuple(r for r in self.runtimes if r in runtimes)
+        for rt in self.runtimes:
+            if rt in ("crun", "kata-runtime"):
+                log.warning("docker: runtime %s is not fully supported: kill() of an exec's process tree does "
+                            "not work under it yet (docs/docker-provider.md)", rt)
         self.bridge = await network.ensure_network(self.client, self.cfg)
         await network.ensure_firewall(self.bridge)
 
@@ -119,7 +131,8 @@ class DockerProvider(Provider):
 
     def describe(self) -> dict[str, str]:
         c = self.cfg
-        return {"type": self.name, "socket": c.socket, "runtime": c.runtime, "network": c.network,
+        return {"type": self.name, "socket": c.socket, "runtime": c.runtime,
+                "allowed_runtimes": ",".join(self.runtimes), "network": c.network,
                 "subnet": c.subnet, "allow_inter_sandbox": str(c.allow_inter_sandbox).lower(),
                 "readonly_rootfs": str(c.readonly_rootfs).lower()}
 
@@ -130,6 +143,23 @@ class DockerProvider(Provider):
         except ProviderError as exc:
             return ProviderHealth(False, str(exc), (time.perf_counter() - t0) * 1000)
         return ProviderHealth(True, None, (time.perf_counter() - t0) * 1000)
+
+    def check_runtime(self, runtime: str | None) -> None:
+        if runtime is None or runtime in self.runtimes:
+            return
+        allowed = ", ".join(self.runtimes)
+        if runtime not in KNOWN_RUNTIMES:
+            raise BadRequest(f"runtime {runtime!r} is unknown (known: {', '.join(KNOWN_RUNTIMES)}; "
+                             f"allowed here: {allowed})")
+        if runtime in self.cfg.allowed_runtimes:
+            raise BadRequest(f"runtime {runtime!r} is allowed by docker.allowed_runtimes but not registered "
+                             f"in dockerd (allowed here: {allowed})")
+        raise BadRequest(f"runtime {runtime!r} is not allowed here (allowed: {allowed}; an operator adds "
+                         f"runtimes with docker.allowed_runtimes)")
+
+    def _runtime(self, handle: SandboxHandle) -> str:
+        """The sandbox's OCI runtime (handles made before per-spawn runtimes: docker.runtime)."""
+        return handle.data.get("runtime") or self.cfg.runtime
 
     # images ------------------------------------------------------------------------
     async def ensure_image(self, ref: str) -> str:
@@ -188,14 +218,15 @@ class DockerProvider(Provider):
         log.info("docker: pulled %s in %.1f s", ref, time.monotonic() - t0)
 
     # lifecycle -------------------------------------------------------------------
-    def _container_body(self, spec: SandboxSpec, image: str) -> dict[str, Any]:
+    def _container_body(self, spec: SandboxSpec, image: str, runtime: str) -> dict[str, Any]:
         c = self.cfg
-        labels = {ID_LABEL: spec.sandbox_id, INSTANCE_LABEL: self.instance, NETWORK_LABEL: spec.network}
+        labels = {ID_LABEL: spec.sandbox_id, INSTANCE_LABEL: self.instance, NETWORK_LABEL: spec.network,
+                  RUNTIME_LABEL: runtime}
         labels.update({LABEL + k: v for k, v in spec.labels.items() if LABEL + k not in _INTERNAL})
         mem = spec.memory_mb * 1024 * 1024
         host: dict[str, Any] = {
             "NetworkMode": c.network if spec.network == "bridge" else "none",
-            "Runtime": c.runtime,
+            "Runtime": runtime,
             "Init": True,  # docker-init (tini) as PID 1 reaps orphans of execs
             # Security: no capabilities but a documented minimal set (docs/docker-provider.md),
             # no setuid gains, Docker's default seccomp profile (never "unconfined").
@@ -206,7 +237,7 @@ class DockerProvider(Provider):
             "Memory": mem,
             "MemorySwap": mem,  # no swap on top of the limit
             "NanoCpus": spec.vcpus * 1_000_000_000,
-            "PidsLimit": self._host_pids_limit(spec.pids_limit),
+            "PidsLimit": self._host_pids_limit(spec.pids_limit, runtime),
             "ReadonlyRootfs": c.readonly_rootfs,
             "Mounts": [{"Type": "bind", "Source": c.helper_busybox, "Target": files.HELPER, "ReadOnly": True}],
             "LogConfig": {"Type": "json-file", "Config": {"max-size": "10m", "max-file": "1"}},
@@ -225,19 +256,20 @@ class DockerProvider(Provider):
         }
         if c.readonly_rootfs:
             body["Volumes"] = {v: {} for v in RW_VOLUMES}
-        elif c.runtime == "runsc":
+        elif runtime == "runsc":
             # runsc mounts a tmpfs of its own on /tmp when nothing is mounted there:
             # invisible to the archive API, and gVisor 2022 resolves paths that reach
             # it through a symlink to "/" wrongly. A volume is a real directory.
             body["Volumes"] = {"/tmp": {}}
         return body
 
-    def _host_pids_limit(self, pids_limit: int) -> int:
+    @staticmethod
+    def _host_pids_limit(pids_limit: int, runtime: str) -> int:
         """runsc: the cgroup counts the Sentry's threads and ptrace stubs, not the
         application's processes (about 40 idle, about 15 per running process); the
         budget scales with pids_limit as in the native provider, and a sandbox that
         exhausts it dies as a whole."""
-        if self.cfg.runtime == "runsc":
+        if runtime == "runsc":
             return RUNSC_PIDS_BASE + RUNSC_PIDS_PER_PROCESS * pids_limit
         return pids_limit
 
@@ -245,11 +277,12 @@ class DockerProvider(Provider):
         sid = spec.sandbox_id
         if spec.memory_mb < 6 or spec.vcpus < 1 or spec.pids_limit < 8:
             raise BadRequest("memory_mb >= 6, vcpus >= 1 and pids_limit >= 8 are required")
+        self.check_runtime(spec.runtime)
+        runtime = spec.runtime or self.cfg.runtime
         image = self.settings.images.aliases.get(spec.image, spec.image)
         name = container_name(sid)
-        handle = SandboxHandle(sid, self.name, {"container": name, "network": spec.network,
-                                                "runtime": self.cfg.runtime})
-        body = self._container_body(spec, image)
+        handle = SandboxHandle(sid, self.name, {"container": name, "network": spec.network, "runtime": runtime})
+        body = self._container_body(spec, image, runtime)
         # No image check first: `containers/create` says "No such image" itself (as `docker
         # run` relies on), so a cached image costs no extra round trip; a missing one is
         # pulled (once for concurrent spawns) and the create is sent again.
@@ -329,7 +362,8 @@ class DockerProvider(Provider):
             user_labels = {k[len(LABEL):]: v for k, v in labels.items()
                            if k.startswith(LABEL) and k not in _INTERNAL}
             data = {"container": container_name(sid), "id": c["Id"],
-                    "network": labels.get(NETWORK_LABEL, "none"), "runtime": self.cfg.runtime}
+                    "network": labels.get(NETWORK_LABEL, "none"),
+                    "runtime": labels.get(RUNTIME_LABEL) or self.cfg.runtime}
             items.append(InventoryItem(sid, c.get("State") == "running",
                                        SandboxHandle(sid, self.name, data), user_labels))
         return sorted(items, key=lambda i: i.sandbox_id)
@@ -365,14 +399,15 @@ class DockerProvider(Provider):
     async def exec(self, handle: SandboxHandle, spec: ExecSpec) -> ExecProcess:
         if not spec.argv:
             raise BadRequest("argv must not be empty")
-        if spec.tty and self.cfg.runtime != "runc":
+        runtime = self._runtime(handle)
+        if spec.tty and runtime != "runc":
             # Only runc is tested: crun does not make an exec a session leader (no controlling
             # terminal, so no Ctrl-C), runsc and kata are untested here (docs/docker-provider.md).
-            raise BadRequest(f"terminal execs through docker need the runc runtime (this server runs "
-                             f"{self.cfg.runtime})")
+            raise BadRequest(f"terminal execs through docker need the runc runtime (this sandbox runs "
+                             f"{runtime})")
         cid = await self._container_id(handle)
         inner_kill = None
-        if self.cfg.runtime == "runsc":
+        if runtime == "runsc":
             # Under gVisor the host cannot see the exec's processes: mark them so an
             # in-sandbox kill can find their session (files.INNER_KILL_SCRIPT).
             self._exec_seq += 1
@@ -403,14 +438,14 @@ class DockerProvider(Provider):
         async def exit_reason(code: int) -> str | None:
             if code == 137 and memcg is not None and _oom_kills(memcg) > oom_before:
                 return "oom"
-            if self.cfg.runtime == "runsc" and code in (128, 137):
+            if runtime == "runsc" and code in (128, 137):
                 # gVisor: an OOM ends the whole sandbox; the exec then reports 128.
                 st = await self.state(handle)
                 return "oom" if st.reason == "oom" else None
             return None
 
         return DockerExecProcess(self.client, exec_id, stream, cid, exit_reason, spec.stdin, inner_kill,
-                                 watch_exit=self.cfg.runtime == "runsc", tty=spec.tty)
+                                 watch_exit=runtime == "runsc", tty=spec.tty)
 
     async def _memory_cgroup(self, handle: SandboxHandle, cid: str) -> Path | None:
         """The container's memory cgroup dir on this host (None if unknown), for OOM accounting."""
@@ -486,7 +521,7 @@ class DockerProvider(Provider):
         parent, name = posixpath.split(p)
         if not name:
             raise SandboxFileError(f"not a file path: {path}")
-        if self.cfg.runtime == "runsc":
+        if self._runtime(handle) == "runsc":
             return await self._write_via_exec(handle, p, chunks, mode)
         cid = await self._container_id(handle)
         # The deepest existing ancestor; the tar creates the missing directories below it.
@@ -632,7 +667,7 @@ class DockerProvider(Provider):
         so the sandbox has no loopback at all. Both cases answer 503 (docs/preview.md).
         """
         sid = handle.sandbox_id
-        if self.cfg.runtime == "runsc":
+        if self._runtime(handle) == "runsc":
             if self._runsc_hostnet is None:
                 info = await self.client.request("GET", "/info")
                 args = (((info or {}).get("Runtimes") or {}).get("runsc") or {}).get("runtimeArgs") or []
