@@ -43,7 +43,7 @@ from stacyvm_server.providers.base import (
 from stacyvm_server.providers.native import bundle, cgroups, host, network, nft, syscalls
 from stacyvm_server.providers.native.files import CHUNK, SandboxFS
 from stacyvm_server.providers.native.process import KILL_SESSION_SCRIPT, NativeExecProcess, parse_inner_pid
-from stacyvm_server.providers.native.pty import NativeTtyProcess, console_listen, receive_master
+from stacyvm_server.providers.native.pty import NativeTtyProcess, console_listen, open_host_pty, receive_master
 from stacyvm_server.providers.native.runtime import OciRuntime
 from stacyvm_server.providers.native.users import resolve_user
 from stacyvm_server.util.proc import kill_group, kill_until_gone
@@ -325,9 +325,6 @@ class NativeProvider(Provider):
     async def exec(self, handle: SandboxHandle, spec: ExecSpec) -> ExecProcess:
         if not spec.argv:
             raise BadRequest("argv must not be empty")
-        if spec.tty and self.runtime.kind != "crun":
-            # runc takes a console socket only with --detach, runsc ignores it (docs/interactive.md).
-            raise BadRequest(f"terminal execs need the crun runtime (this server runs {self.runtime.kind})")
         box = self._box(handle)
         uid, gid = await asyncio.to_thread(resolve_user, box.fs, spec.user or box.user)
         env = _merge_env(box.env, spec.env)
@@ -339,23 +336,36 @@ class NativeProvider(Provider):
         tty_size = (spec.tty_size or (24, 80)) if spec.tty else None
         _write_json(proc_file, bundle.process(list(spec.argv), env, cwd, uid, gid, tty_size))
         oom_before = cgroups.oom_kills(box.sandbox_id)
-        # A terminal exec: the runtime sends the pty master over this socket (pty.py).
-        # A short private directory: unix socket paths are limited to 108 bytes.
-        tty_dir = Path(tempfile.mkdtemp(prefix="stacyvm-tty-")) if spec.tty else None
+        # A terminal exec (pty.py): crun sends the pty master over a console
+        # socket, in a short private directory (unix socket paths are limited to
+        # 108 bytes); runc and runsc get a host pty as their stdio instead.
+        tty_mode = self.runtime.tty_mode if tty_size is not None else None
+        tty_dir = Path(tempfile.mkdtemp(prefix="stacyvm-tty-")) if tty_mode == "console_socket" else None
         console = tty_dir / "console.sock" if tty_dir is not None else None
         listener = console_listen(console) if console is not None else None
         master: int | None = None
+        slave: int | None = None
+        if tty_size is not None and tty_mode != "console_socket":
+            master, slave = open_host_pty(*tty_size, relay=tty_mode == "relay")
+        stdin: int = asyncio.subprocess.PIPE if spec.stdin and not spec.tty else asyncio.subprocess.DEVNULL
+        stdout: int = asyncio.subprocess.DEVNULL if spec.tty else asyncio.subprocess.PIPE
+        stderr: int = asyncio.subprocess.PIPE
+        if slave is not None:
+            stdin = stdout = stderr = slave
         try:
             try:
                 proc = await asyncio.create_subprocess_exec(
-                    *self.runtime.exec_argv(box.sandbox_id, proc_file, pid_file, inner_pid_file, console),
-                    stdin=asyncio.subprocess.PIPE if spec.stdin and not spec.tty else asyncio.subprocess.DEVNULL,
-                    stdout=asyncio.subprocess.DEVNULL if spec.tty else asyncio.subprocess.PIPE,
-                    stderr=asyncio.subprocess.PIPE,
-                    start_new_session=True,  # so kill() can take the runtime client's group down
+                    *self.runtime.exec_argv(box.sandbox_id, proc_file, pid_file, inner_pid_file, console,
+                                            host_pty=slave is not None),
+                    stdin=stdin, stdout=stdout, stderr=stderr,
+                    # So kill() can take the runtime client's group down; with a
+                    # host pty, `setsid --ctty` makes the client a session leader.
+                    start_new_session=slave is None,
                 )
             except OSError as exc:
                 proc_file.unlink(missing_ok=True)
+                if master is not None:
+                    os.close(master)
                 raise ProviderError(f"cannot start {self.runtime.kind} exec: {exc}") from exc
             if listener is not None:
                 try:
@@ -366,6 +376,8 @@ class NativeProvider(Provider):
                     proc_file.unlink(missing_ok=True)
                     raise
         finally:
+            if slave is not None:
+                os.close(slave)  # the runtime client holds it now: EIO on the master once it is gone
             if listener is not None:
                 listener.close()
             if tty_dir is not None:

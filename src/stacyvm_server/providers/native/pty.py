@@ -1,17 +1,30 @@
-"""Terminal execs: the runtime's console socket and the pty master we get from it.
+"""Terminal execs: the pty master we hold, per runtime (OciRuntime.tty_mode).
 
-With `terminal: true` in the process file and `--console-socket <path>`, the
-OCI runtime (crun, runc, runsc) creates a pty inside the sandbox, makes its
+crun (console_socket): with `terminal: true` in the process file and
+`--console-socket <path>`, crun creates a pty inside the sandbox, makes its
 slave the process's stdio and controlling terminal (the exec is a session
 leader, so Ctrl-C typed into the line discipline reaches the foreground
 process group), and sends the master to us over the unix socket with
-SCM_RIGHTS. We never allocate the pty on the host side.
+SCM_RIGHTS.
 
-The master is non-blocking and read with the event loop's reader callbacks;
-writes that would block wait for the fd to become writable (backpressure onto
-the caller). Output ends when every slave fd is closed (EIO), or shortly after
-the exec's main process has exited, whichever comes first: a background child
-still holding the terminal does not keep the exec open.
+runc (relay) and runsc (direct): runc takes a console socket only with
+--detach (and then the exit status goes to the sandbox's init), runsc uses
+one only with -detach. So the runtime client runs in the foreground with a
+host pty as its stdin, stdout and stderr, as its controlling terminal, and we
+hold the master (`open_host_pty`). runc creates the sandbox's pty itself and
+copies between the two; it sets the host side raw but keeps output
+post-processing there (`\n` becomes `\r\n` on the host side; it clears onlcr
+inside) and passes a resize on when the kernel sends it SIGWINCH. runsc hands
+the host pty to the sandbox as the process's terminal: its line discipline
+and termios are the process's; a typed Ctrl-C becomes SIGINT for the client,
+which runsc forwards to the sandbox's foreground job, and so does SIGWINCH.
+
+Either way the master is non-blocking and read with the event loop's reader
+callbacks; writes that would block wait for the fd to become writable
+(backpressure onto the caller). Output ends when every slave fd is closed
+(EIO), or shortly after the runtime client has exited (it waits for the
+exec's main process), whichever comes first: a background child still
+holding the terminal does not keep the exec open.
 """
 
 from __future__ import annotations
@@ -81,6 +94,35 @@ async def receive_master(listener: socket.socket, proc: asyncio.subprocess.Proce
 
 def set_window_size(fd: int, rows: int, cols: int) -> None:
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+
+def open_host_pty(rows: int, cols: int, relay: bool) -> tuple[int, int]:
+    """A host pty for a runtime client's stdio: (master, slave); the master non-blocking.
+
+    relay (runc): set the slave to the raw mode runc sets once it has the
+    sandbox's pty (cfmakeraw, output post-processing kept), before runc
+    starts: input typed earlier would otherwise be echoed by this side, and
+    a Ctrl-C turned into SIGINT for runc, which then resets the terminal and
+    exits 0. direct (runsc): the default termios, which are the process's own.
+    """
+    master, slave = os.openpty()
+    try:
+        set_window_size(master, rows, cols)
+        if relay:
+            iflag, oflag, cflag, lflag, ispeed, ospeed, cc = termios.tcgetattr(slave)
+            iflag &= ~(termios.IGNBRK | termios.BRKINT | termios.PARMRK | termios.ISTRIP
+                       | termios.INLCR | termios.IGNCR | termios.ICRNL | termios.IXON)
+            oflag |= termios.OPOST
+            lflag &= ~(termios.ECHO | termios.ECHONL | termios.ICANON | termios.ISIG | termios.IEXTEN)
+            cflag = (cflag & ~(termios.CSIZE | termios.PARENB)) | termios.CS8
+            cc[termios.VMIN], cc[termios.VTIME] = 1, 0
+            termios.tcsetattr(slave, termios.TCSANOW, [iflag, oflag, cflag, lflag, ispeed, ospeed, cc])
+        os.set_blocking(master, False)
+    except OSError:
+        os.close(master)
+        os.close(slave)
+        raise
+    return master, slave
 
 
 class NativeTtyProcess(NativeExecProcess):

@@ -1,7 +1,8 @@
 """The OCI runtime command line: crun (default), runc, or runsc with ptrace.
 
 All three read the same bundle. Differences are kept to this module: flag
-spelling (runsc uses `-force`, `-format`) and runsc's global platform flags.
+spelling (runsc uses `-force`, `-format`), runsc's global platform flags, and
+how a terminal exec gets its pty (`tty_mode`).
 """
 
 from __future__ import annotations
@@ -13,9 +14,12 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from stacyvm_server.errors import ProviderError
 from stacyvm_server.util.proc import run
+
+TtyMode = Literal["console_socket", "relay", "direct"]
 
 
 @dataclass(frozen=True)
@@ -30,6 +34,22 @@ class OciRuntime:
         self.kind = kind
         self.path = path or shutil.which(kind) or f"/usr/bin/{kind}"
         self.state_root = state_root
+
+    @property
+    def tty_mode(self) -> TtyMode:
+        """How a terminal exec gets its pty (pty.py, docs/interactive.md).
+
+        console_socket (crun): crun creates the pty in the sandbox and sends us
+        its master over `--console-socket`. The other two give the runtime
+        client a host pty as its stdio and keep its master: relay (runc; it
+        takes a console socket only with --detach): runc creates a pty in the
+        sandbox and copies between the two; direct (runsc; it uses a console
+        socket only with -detach): runsc hands the host pty to the sandbox as
+        the process's terminal.
+        """
+        if self.kind == "crun":
+            return "console_socket"
+        return "relay" if self.kind == "runc" else "direct"
 
     def _global(self) -> list[str]:
         argv = [self.path, "--root", str(self.state_root)]
@@ -69,17 +89,26 @@ class OciRuntime:
 
     def exec_argv(
         self, cid: str, process_file: Path, pid_file: Path, inner_pid_file: Path | None = None,
-        console_socket: Path | None = None,
+        console_socket: Path | None = None, host_pty: bool = False,
     ) -> list[str]:
         """`exec`; runsc also writes the process's pid inside the sandbox to inner_pid_file.
 
-        With console_socket (the process file says `terminal: true`), the runtime
-        creates a pty in the sandbox and sends its master over that unix socket.
+        A terminal exec (the process file says `terminal: true`) takes one of:
+        console_socket (crun): the runtime creates a pty in the sandbox and sends
+        its master over that unix socket. host_pty (runc, runsc): the client's
+        stdio is a host pty; the client is started as a session leader with it
+        as its controlling terminal (`setsid --ctty`), so the kernel sends the
+        client SIGWINCH when we resize it (runc and runsc pass the new size on)
+        and, under runsc, SIGINT for a typed Ctrl-C (runsc forwards it to the
+        sandbox's foreground job).
         """
         extra = ["-internal-pid-file", str(inner_pid_file)] if self.kind == "runsc" and inner_pid_file else []
         if console_socket is not None:
-            extra += ["-console-socket" if self.kind == "runsc" else "--console-socket", str(console_socket)]
-        return [*self._global(), "exec", "--process", str(process_file), "--pid-file", str(pid_file), *extra, cid]
+            extra += ["--console-socket", str(console_socket)]
+        argv = [*self._global(), "exec", "--process", str(process_file), "--pid-file", str(pid_file), *extra, cid]
+        if host_pty:
+            argv = [shutil.which("setsid") or "/usr/bin/setsid", "--ctty", *argv]
+        return argv
 
     async def exec_quiet(self, cid: str, process_file: Path, timeout: float) -> int:
         """Run an exec to completion, output discarded; its return code (-1 on timeout)."""
