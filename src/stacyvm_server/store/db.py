@@ -34,6 +34,7 @@ _SB_INSERT = insert(_SANDBOXES)
 _SB_UPDATE = update(_SANDBOXES).where(_SANDBOXES.c.id == bindparam("_id"))
 _SB_COUNT_ACTIVE = select(func.count()).select_from(_SANDBOXES).where(_SANDBOXES.c.state.in_(_ACTIVE))
 _SB_COUNT_OWNER = _SB_COUNT_ACTIVE.where(_SANDBOXES.c.owner_id == bindparam("owner"))
+_EV_INSERT = insert(cast(Table, EventRow.__table__))
 
 
 def _sqlite_engine(path: Path) -> Engine:
@@ -307,14 +308,13 @@ class Store:
 
     # events ------------------------------------------------------------------
     def append_events(self, events: list[Event], keep: int) -> None:
-        with self._tx() as s:
-            s.add_all(
-                EventRow(seq=e.seq, type=e.type, sandbox_id=e.sandbox_id, timestamp=e.timestamp, data=e.data)
-                for e in events
-            )
+        # A Core executemany, like the sandbox writes: this runs on the event loop.
+        with self.engine.begin() as conn:
+            conn.execute(_EV_INSERT, [{"seq": e.seq, "type": e.type, "sandbox_id": e.sandbox_id,
+                                       "timestamp": e.timestamp, "data": e.data} for e in events])
             last = events[-1].seq
             if last // 100 != (events[0].seq - 1) // 100:  # trim now and then, not on every batch
-                s.execute(delete(EventRow).where(EventRow.seq <= last - keep))
+                conn.execute(delete(EventRow).where(EventRow.seq <= last - keep))
 
     def recent_events(self, limit: int) -> list[Event]:
         with self._sessions() as s:
