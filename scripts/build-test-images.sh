@@ -11,6 +11,9 @@ ACCEPT="application/vnd.oci.image.manifest.v1+json,application/vnd.docker.distri
 
 log() { echo "build-test-images: $*"; }
 
+. "$(dirname "$0")/lib-apt.sh"
+need_pkgs umoci skopeo mmdebstrap
+
 in_registry() { # repo tag
     curl -fsS -m 5 -o /dev/null -I -H "Accept: $ACCEPT" "http://$REGISTRY/v2/$1/manifests/$2" 2>/dev/null
 }

@@ -7,16 +7,7 @@ cd "$(dirname "$0")/.."
 
 [ "$(id -u)" = 0 ] || { echo "install.sh: run as root (sandboxes need cgroups, mounts and namespaces)" >&2; exit 1; }
 
-export DEBIAN_FRONTEND=noninteractive
-apt_updated=""
-need_pkgs() {
-    local missing=()
-    for p in "$@"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p"); done
-    [ ${#missing[@]} -eq 0 ] && return 0
-    [ -n "$apt_updated" ] || { apt-get update -q; apt_updated=1; }
-    echo "install.sh: apt-get install ${missing[*]}"
-    apt-get install -y -q --no-install-recommends "${missing[@]}"
-}
+. scripts/lib-apt.sh
 
 # Python 3.11 with venv (Debian 12's python3 is 3.11); a python3 already on PATH is used as is.
 PYTHON="${PYTHON:-python3}"

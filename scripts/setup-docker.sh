@@ -18,21 +18,9 @@ export DEBIAN_FRONTEND=noninteractive
 log() { echo "setup-docker: $*"; }
 answers() { curl -fsS -m 3 --unix-socket "$SOCK" -o /dev/null http://localhost/_ping 2>/dev/null; }
 
-# 1. Packages, without the package scripts starting the daemons (policy-rc.d = 101).
-if ! dpkg-query -W -f='${Status}' docker.io 2>/dev/null | grep -q "ok installed"; then
-    apt-get update -q
-    created_policy=""
-    if [ ! -e /usr/sbin/policy-rc.d ]; then
-        printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
-        chmod 755 /usr/sbin/policy-rc.d
-        created_policy=1
-    fi
-    trap '[ -n "$created_policy" ] && rm -f /usr/sbin/policy-rc.d' EXIT
-    log "apt-get install docker.io"
-    apt-get install -y -q --no-install-recommends docker.io iptables
-    [ -n "$created_policy" ] && rm -f /usr/sbin/policy-rc.d
-    trap - EXIT
-fi
+# 1. Packages, without the package scripts starting the daemons.
+. "$(dirname "$0")/lib-apt.sh"
+need_pkgs docker.io iptables
 
 # 2. daemon.json: runsc and crun as extra runtimes when installed.
 want=$(python3 - "$DAEMON_JSON" <<'PY'

@@ -10,18 +10,8 @@ cd "$(dirname "$0")/.."
 
 [ "$(id -u)" = 0 ] || { echo "setup-host: run as root" >&2; exit 1; }
 
-PKGS="crun runc runsc tini nftables iproute2 busybox-static uidmap"
-missing=""
-for p in $PKGS; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
-done
-if [ -n "$missing" ]; then
-    echo "setup-host: installing$missing"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    # shellcheck disable=SC2086
-    apt-get install -y -qq --no-install-recommends $missing
-fi
+. scripts/lib-apt.sh
+need_pkgs crun runc runsc tini nftables iproute2 busybox-static uidmap
 
 PY=""
 for cand in .venv/bin/python python3; do

@@ -14,6 +14,9 @@ if answers; then
     exit 0
 fi
 
+. "$(dirname "$0")/lib-apt.sh"
+need_pkgs docker-registry
+
 mkdir -p "$DIR/data"
 cat > "$DIR/config.yml" <<YAML
 version: 0.1
