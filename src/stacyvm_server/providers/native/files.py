@@ -28,33 +28,13 @@ from datetime import UTC, datetime
 from stacyvm_server.errors import SandboxFileError
 from stacyvm_server.providers.base import FileInfo
 from stacyvm_server.providers.native import syscalls
+from stacyvm_server.providers.sandboxpath import file_error, normalize
 
 RESOLVE = syscalls.RESOLVE_IN_ROOT | syscalls.RESOLVE_NO_MAGICLINKS | syscalls.RESOLVE_NO_XDEV
 CHUNK = 64 * 1024
 
-_MESSAGES = {
-    errno.ENOENT: "no such file or directory",
-    errno.ENOTDIR: "not a directory",
-    errno.EISDIR: "is a directory",
-    errno.EXDEV: "path leaves the sandbox filesystem",
-    errno.ELOOP: "too many levels of symbolic links",
-    errno.ENOTEMPTY: "directory not empty",
-    errno.EEXIST: "already exists",
-    errno.ENAMETOOLONG: "name too long",
-    errno.ENOSPC: "no space left on device",
-}
-
-
 def _err(exc: OSError, path: str) -> SandboxFileError:
-    msg = _MESSAGES.get(exc.errno or 0, exc.strerror or str(exc))
-    return SandboxFileError(f"{msg}: {path}")
-
-
-def normalize(path: str) -> str:
-    """Absolute, lexically clean in-sandbox path ("a/../../b" -> "/b")."""
-    if "\x00" in path:
-        raise SandboxFileError("path contains a NUL byte")
-    return posixpath.normpath("/" + path.lstrip("/")) if path else "/"
+    return file_error(exc.errno or 0, exc.strerror or str(exc), path)
 
 
 class SandboxFS:
