@@ -23,6 +23,7 @@ docker_out=$(bash scripts/setup-docker.sh 2>&1) || echo "test.sh: setup-docker.s
 echo "$docker_out"
 if grep -q '^setup-docker: started' <<<"$docker_out"; then started_docker=1; fi
 bash scripts/build-test-images.sh
+bash scripts/setup-microvm.sh
 
 echo "== ruff"; .venv/bin/ruff check src tests bench
 echo "== mypy"; .venv/bin/mypy

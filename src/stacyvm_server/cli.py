@@ -20,6 +20,8 @@ from stacyvm_server.config import Settings, load_settings
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="StacyVM: sandboxes for AI agents.")
 image_app = typer.Typer(no_args_is_help=True, help="Manage the local image cache.")
 app.add_typer(image_app, name="image")
+microvm_app = typer.Typer(no_args_is_help=True, help="The microvm provider's guest assets.")
+app.add_typer(microvm_app, name="microvm")
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="Path to stacyvm.yaml", envvar="STACYVM_CONFIG")
 UrlOpt = typer.Option("http://127.0.0.1:7423", "--url", envvar="STACYVM_URL", help="Server URL")
@@ -328,6 +330,25 @@ def image_prune(config: Path | None = ConfigOpt) -> None:
     """Delete cached data no image uses."""
     freed = _run(_images(config).prune())
     typer.echo(f"freed {freed / 1e6:.1f} MB")
+
+
+@microvm_app.command("build-assets")
+def microvm_build_assets(
+    config: Path | None = ConfigOpt,
+    dest: Path | None = typer.Option(None, help="Output directory (default: microvm.assets_dir)"),
+    force: bool = typer.Option(False, help="Rebuild even when the assets are current"),
+) -> None:
+    """Build the guest kernel and initramfs from Debian packages (apt-get download)."""
+    from stacyvm_server.providers.microvm import assets
+
+    settings = load_settings(config)
+    out = dest or settings.microvm.assets_dir or settings.microvm_dir / "assets"
+    try:
+        built = assets.build(out, typer.echo, force=force)
+    except (RuntimeError, OSError) as exc:
+        typer.echo(f"build-assets failed: {exc}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"kernel {built.kernel} ({built.kernel_release}), initramfs {built.initrd}, id {built.assets_id}")
 
 
 def main() -> None:

@@ -156,6 +156,30 @@ class DockerConfig(_Section):
     pull_timeout: float = 600.0
 
 
+class MicroVMConfig(_Section):
+    """QEMU microVMs (docs/microvm-provider.md)."""
+
+    model_config = SettingsConfigDict(env_prefix="STACYVM_MICROVM_", extra="forbid")
+    enabled: bool = False
+    # auto: KVM when it really boots our guest (probed at start), else TCG.
+    accel: Literal["auto", "kvm", "tcg"] = "auto"
+    qemu_path: str = "qemu-system-x86_64"
+    # Default <server.data_dir>/microvm; assets default to <state_dir>/assets.
+    state_dir: Path | None = None
+    assets_dir: Path | None = None
+    # Build the kernel and initramfs from Debian packages at start when missing.
+    build_assets: bool = True
+    # Restore new sandboxes from a per-shape snapshot instead of booting each one.
+    snapshots: bool = True
+    kernel_args: str = "console=ttyS0 quiet loglevel=1 panic=-1"
+    # Guest RAM is memory_mb plus this (kernel, agent), rounded up to a power of two;
+    # memory_mb itself is enforced by a cgroup inside the guest.
+    guest_overhead_mb: int = Field(default=96, ge=32)
+    # Free space on each image's root disk above its content.
+    disk_free_mb: int = Field(default=1024, ge=64)
+    boot_timeout: float = 180.0
+
+
 class PreviewConfig(_Section):
     """The preview proxy (docs/preview.md)."""
 
@@ -188,6 +212,7 @@ class Settings(BaseModel):
     images: ImagesConfig = Field(default_factory=ImagesConfig)
     native: NativeConfig = Field(default_factory=NativeConfig)
     docker: DockerConfig = Field(default_factory=DockerConfig)
+    microvm: MicroVMConfig = Field(default_factory=MicroVMConfig)
     events: EventsConfig = Field(default_factory=EventsConfig)
     preview: PreviewConfig = Field(default_factory=PreviewConfig)
 
@@ -198,6 +223,10 @@ class Settings(BaseModel):
     @property
     def native_dir(self) -> Path:
         return self.native.state_dir or self.server.data_dir / "native"
+
+    @property
+    def microvm_dir(self) -> Path:
+        return self.microvm.state_dir or self.server.data_dir / "microvm"
 
     @property
     def db_path(self) -> Path:
@@ -211,6 +240,7 @@ _SECTIONS: dict[str, type[BaseSettings]] = {
     "images": ImagesConfig,
     "native": NativeConfig,
     "docker": DockerConfig,
+    "microvm": MicroVMConfig,
     "events": EventsConfig,
     "preview": PreviewConfig,
 }

@@ -18,4 +18,8 @@ def build_providers(settings: Settings, images: ImageStore) -> dict[str, Provide
         from stacyvm_server.providers.docker.provider import DockerProvider
 
         providers["docker"] = DockerProvider(settings)
+    if settings.microvm.enabled:
+        from stacyvm_server.providers.microvm.provider import MicroVMProvider
+
+        providers["microvm"] = MicroVMProvider(settings, images)
     return providers

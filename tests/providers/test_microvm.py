@@ -1,0 +1,150 @@
+"""The microvm provider (QEMU microvm; TCG here) against the conformance suite, plus
+what only a VM can show: its own kernel, distinct restored VMs, reattach after a
+server restart, a crashed VM reported as such.
+
+Guest assets are built once into /var/cache/stacyvm/microvm-assets (Debian
+packages, about 10 s) and reused while the agent and packages are unchanged.
+Snapshots are made per test session (one cold boot per shape).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from stacyvm_server.config import MicroVMConfig, NativeConfig, ServerConfig, Settings
+from stacyvm_server.ids import new_sandbox_id
+from stacyvm_server.providers.base import Provider, SandboxHandle, SandboxSpec
+from stacyvm_server.providers.microvm.provider import MicroVMProvider
+from stacyvm_server.providers.native import network, nft
+from tests.providers.conformance import ProviderConformance, run, sh
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+ASSETS = Path("/var/cache/stacyvm/microvm-assets")
+
+
+def microvm_settings(scratch: Path) -> Settings:
+    return Settings(server=ServerConfig(data_dir=scratch / "data"),
+                    native=NativeConfig(state_dir=scratch / "native-microvm"),
+                    microvm=MicroVMConfig(enabled=True, state_dir=scratch / "microvm", assets_dir=ASSETS))
+
+
+@pytest_asyncio.fixture(scope="class", loop_scope="session")
+async def provider(native_scratch: Path, native_images: object) -> AsyncIterator[Provider]:
+    if os.geteuid() != 0:
+        pytest.skip("the microvm provider needs root (cgroups, network namespaces)")
+    if shutil.which("qemu-system-x86_64") is None:
+        pytest.skip("qemu-system-x86_64 is not installed (scripts/install.sh --test installs it)")
+    p = MicroVMProvider(microvm_settings(native_scratch), native_images)  # type: ignore[arg-type]
+    await p.start()
+    yield p
+    for item in await p.inventory():
+        await p.destroy(item.handle)
+    await p.close()
+
+
+def _mvm(p: Provider) -> MicroVMProvider:
+    assert isinstance(p, MicroVMProvider)
+    return p
+
+
+class TestMicroVM(ProviderConformance):
+    share_sandbox = True  # everything is emulated: one default sandbox per class
+    # 20 cycles of restore + destroy; TCG makes each one ~0.5-1 s.
+    leak_cycles = 20
+    leak_budget_s = 120.0
+
+    async def leaks(self, provider: Provider, sandbox_id: str) -> list[str]:
+        found = _mvm(provider).leftovers(sandbox_id)
+        if any(b[0] == network.host_ifname(sandbox_id) for b in await nft.list_bindings()):
+            found.append("nft binding")
+        if any(str(Path("sandboxes") / sandbox_id) in c for c in await asyncio.to_thread(_qemu_cmdlines)):
+            found.append("qemu process")
+        return found
+
+    async def test_own_kernel(self, provider: Provider, sandbox: SandboxHandle) -> None:
+        guest = (await run(provider, sandbox, ["uname", "-r"])).out.decode().strip()
+        assert guest and guest != os.uname().release
+        host_swappiness = Path("/proc/sys/vm/swappiness").read_text()
+        new = "13" if host_swappiness.strip() != "13" else "17"
+        r = await run(provider, sandbox, sh(f"echo {new} > /proc/sys/vm/swappiness && cat /proc/sys/vm/swappiness"))
+        assert r.out.decode().strip() == new, r  # the guest kernel took the write...
+        assert Path("/proc/sys/vm/swappiness").read_text() == host_swappiness  # ...the host's did not change
+
+    async def test_restored_vms_are_distinct(self, provider: Provider, make_sandbox: object) -> None:
+        a, b = await asyncio.gather(make_sandbox(), make_sandbox())  # type: ignore[operator]
+        probe = "hostname; head -c 16 /dev/urandom | od -An -tx1; date +%s"
+        ra, rb = await asyncio.gather(run(provider, a, sh(probe)), run(provider, b, sh(probe)))
+        (ha, ea, ta), (hb, eb, tb) = (r.out.decode().split("\n")[:3] for r in (ra, rb))
+        assert (ha, hb) == (a.sandbox_id, b.sandbox_id)
+        assert ea != eb  # fresh entropy after restore, not the snapshot's RNG state
+        assert abs(int(ta) - time.time()) < 30 and abs(int(tb) - time.time()) < 30  # clock set at restore
+        await run(provider, a, sh("echo only-in-a > /marker"))
+        assert (await run(provider, b, ["cat", "/marker"])).rc != 0  # its own disk overlay
+
+    async def test_reattach_after_server_restart(self, provider: Provider, native_scratch: Path,
+                                                 native_images: object, make_sandbox: object) -> None:
+        h = await make_sandbox()  # type: ignore[operator]
+        await run(provider, h, sh("echo kept > /state"))
+        await provider.close()  # the old server goes away (its agent connections with it)
+        second = MicroVMProvider(microvm_settings(native_scratch), native_images)  # type: ignore[arg-type]
+        await second.start()
+        item = next(i for i in await second.inventory() if i.sandbox_id == h.sandbox_id)
+        assert item.alive and item.labels == {}
+        assert (await run(second, item.handle, ["cat", "/state"])).out == b"kept\n"
+        await second.close()
+        assert (await run(provider, h, ["true"])).rc == 0  # and the first reconnects on demand
+
+    async def test_dead_vm_is_reported(self, provider: Provider, image_ref: str) -> None:
+        p = _mvm(provider)
+        h = await p.create(SandboxSpec(new_sandbox_id(), image_ref, 64, 1))
+        try:
+            pid = int(p._meta(h.sandbox_id)["pid"])
+            os.kill(pid, signal.SIGKILL)
+            for _ in range(100):
+                st = await p.state(h)
+                if not st.alive:
+                    break
+                await asyncio.sleep(0.05)
+            assert (st.alive, st.reason) == (False, "crashed")
+        finally:
+            await p.destroy(h)
+        assert await self.leaks(p, h.sandbox_id) == []
+
+    async def test_tty(self, provider: Provider, sandbox: SandboxHandle) -> None:
+        from stacyvm_server.providers.base import ExecSpec
+
+        proc = await provider.exec(sandbox, ExecSpec(argv=sh("stty size; read x; echo got-$x; exit 42"),
+                                                     stdin=True, tty=True, tty_size=(33, 101)))
+        out = bytearray()
+
+        async def drain() -> None:
+            async for _, chunk in proc.output():
+                out.extend(chunk)
+
+        task = asyncio.create_task(drain())
+        await proc.write_stdin(b"hello\r")
+        await asyncio.wait_for(task, 30)
+        assert b"33 101" in out and b"got-hello" in out, bytes(out)
+        assert (await proc.wait()).exit_code == 42
+
+
+def _qemu_cmdlines() -> list[str]:
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                cmd = Path(f"/proc/{d}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if cmd.startswith("qemu-system"):
+                out.append(cmd)
+    return out
