@@ -7,10 +7,10 @@ httpx's async stack (0.37 ms with its sync client, which the raw Docker baseline
 in bench/ uses), and create, exec and destroy make two or three such calls each.
 Streamed bodies (archives, image pulls) and `HEAD` go through httpx (already a
 server dependency). `exec start` needs the connection itself (a hijacked,
-bidirectional stream for stdin), so `ExecStream` speaks that one request by hand
-on a connection of its own. Why not aiodocker: its archive helpers buffer whole
-tarballs in memory and its exec stream cannot half-close stdin without reaching
-into private attributes.
+bidirectional stream for stdin), so `ExecStream` speaks that one request on a
+connection taken from the pool for good. Why not aiodocker: its archive helpers
+buffer whole tarballs in memory and its exec stream cannot half-close stdin
+without reaching into private attributes.
 """
 
 from __future__ import annotations
@@ -138,7 +138,7 @@ class DockerClient:
             if conn.usable():
                 return conn, True
             conn.close()
-        reader, writer = await asyncio.open_unix_connection(self.socket_path)
+        reader, writer = await asyncio.open_unix_connection(self.socket_path, limit=1 << 20)
         return _Conn(reader, writer), False
 
     async def head(self, path: str, params: dict[str, Any]) -> httpx.Response:
@@ -162,7 +162,20 @@ class DockerClient:
             raise ProviderError(f"docker daemon at {self.socket_path}: {exc}") from exc
 
     async def exec_start(self, exec_id: str, tty: bool = False) -> ExecStream:
-        return await ExecStream.open(self.socket_path, exec_id, tty)
+        """`POST /exec/{id}/start` on a connection of its own (hijacked: it never goes back to
+        the pool), an idle keep-alive one when there is one (no connect)."""
+        while True:
+            try:
+                conn, reused = await self._acquire()
+            except OSError as exc:
+                raise ProviderError(f"docker daemon at {self.socket_path} unreachable: {exc}") from exc
+            try:
+                return await ExecStream.start(conn.reader, conn.writer, exec_id, tty, reused)
+            except _Stale:
+                conn.close()  # dockerd had closed that idle connection: nothing was started
+            except BaseException:
+                conn.close()
+                raise
 
 
 class ExecStream:
@@ -174,28 +187,32 @@ class ExecStream:
         self.writer = writer
 
     @classmethod
-    async def open(cls, socket_path: str, exec_id: str, tty: bool = False) -> ExecStream:
-        try:
-            reader, writer = await asyncio.open_unix_connection(socket_path, limit=1 << 20)
-        except OSError as exc:
-            raise ProviderError(f"docker daemon at {socket_path} unreachable: {exc}") from exc
+    async def start(cls, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, exec_id: str,
+                    tty: bool = False, reused: bool = False) -> ExecStream:
         body = json.dumps({"Detach": False, "Tty": tty}).encode()
-        writer.write(
-            f"POST /{API_VERSION}/exec/{exec_id}/start HTTP/1.1\r\nHost: docker\r\n"
-            f"Content-Type: application/json\r\nConnection: Upgrade\r\nUpgrade: tcp\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
-        await writer.drain()
         try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError) as exc:
+            writer.write(
+                f"POST /{API_VERSION}/exec/{exec_id}/start HTTP/1.1\r\nHost: docker\r\n"
+                f"Content-Type: application/json\r\nConnection: Upgrade\r\nUpgrade: tcp\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            await writer.drain()
+            async with asyncio.timeout(30):
+                head = await reader.readuntil(b"\r\n\r\n")
+        except (asyncio.IncompleteReadError, ConnectionError) as exc:
             writer.close()
-            raise ProviderError(f"docker exec start: no response header ({exc})") from exc
+            if reused and not (isinstance(exc, asyncio.IncompleteReadError) and exc.partial):
+                raise _Stale() from exc
+            raise ProviderError(f"docker exec start: no response header ({exc!r})") from exc
+        except (asyncio.LimitOverrunError, TimeoutError) as exc:
+            writer.close()
+            raise ProviderError(f"docker exec start: no response header ({exc!r})") from exc
         status_line = head.split(b"\r\n", 1)[0].decode(errors="replace")
         parts = status_line.split(" ", 2)
         if len(parts) < 2 or parts[1] not in ("101", "200"):
             rest = b""
             try:
-                rest = await asyncio.wait_for(reader.read(4096), 2)
+                async with asyncio.timeout(2):
+                    rest = await reader.read(4096)
             except TimeoutError:
                 pass
             writer.close()
