@@ -139,6 +139,7 @@ def create_netns(sandbox_id: str, plan: NetPlan, uid_shift: int | None = None, i
     With uid_shift, the netns is owned by a new user namespace mapping
     0..id_range-1 to uid_shift.. (see the module docstring: runc).
     """
+    _netns_dir_mounted()  # before any mount of ours lands in it
     if uid_shift is not None:
         create_userns_netns(sandbox_id, plan.netns_path, uid_shift, id_range)
     _in_thread(lambda: _create(sandbox_id, plan, existing=uid_shift is not None))
@@ -177,6 +178,28 @@ def create_userns_netns(sandbox_id: str, net_path: str, uid_shift: int, id_range
         except subprocess.TimeoutExpired:
             child.kill()
             child.wait()
+
+
+_netns_dir_lock = threading.Lock()
+
+
+def _netns_dir_mounted() -> None:
+    """Make /run/netns a shared mount point of its own, as `ip netns add` does.
+
+    Otherwise the first `ip netns add` on the host (any tool, any time) bind-mounts
+    /run/netns onto itself and hides every netns we mounted there before it: their
+    destroy then fails with EBUSY and the mounts leak.
+    """
+    with _netns_dir_lock:  # two first creates must not stack two bind mounts
+        NETNS_DIR.mkdir(parents=True, exist_ok=True)
+        try:
+            syscalls.mount("none", str(NETNS_DIR), None, syscalls.MS_SHARED | syscalls.MS_REC)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:  # EINVAL: not a mount point yet
+                raise
+            # MS_REC: netns files mounted here before (an earlier server) stay visible.
+            syscalls.mount(str(NETNS_DIR), str(NETNS_DIR), None, syscalls.MS_BIND | syscalls.MS_REC)
+            syscalls.mount("none", str(NETNS_DIR), None, syscalls.MS_SHARED | syscalls.MS_REC)
 
 
 def _create(sandbox_id: str, plan: NetPlan, existing: bool = False) -> None:
