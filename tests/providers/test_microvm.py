@@ -119,6 +119,15 @@ class TestMicroVM(ProviderConformance):
             await p.destroy(h)
         assert await self.leaks(p, h.sandbox_id) == []
 
+    async def test_disk_mb_caps_writes(self, provider: Provider, make_sandbox: object) -> None:
+        h = await make_sandbox(disk_mb=32)  # type: ignore[operator]
+        r = await run(provider, h, sh("dd if=/dev/zero of=/fill bs=1M count=200 2>&1; sync; "
+                                      "ls -l /fill | awk '{print $5}'"))
+        assert b"No space left" in r.out, r.out
+        assert int(r.out.split()[-1]) < 100 << 20  # stopped near the cap, far from 200 MB
+        await run(provider, h, ["rm", "/fill"])
+        assert (await run(provider, h, sh("echo fine > /after && cat /after"))).out == b"fine\n"
+
     async def test_tty(self, provider: Provider, sandbox: SandboxHandle) -> None:
         from stacyvm_server.providers.base import ExecSpec
 

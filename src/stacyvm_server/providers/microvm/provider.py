@@ -206,11 +206,12 @@ class MicroVMProvider(Provider):
         return ProviderHealth(ok, None if ok else "qemu or guest assets missing", (time.monotonic() - t0) * 1000)
 
     # images, disks, snapshots ----------------------------------------------------------------
-    async def _image_disk(self, image: Image) -> Path:
-        path = self.root / "disks" / f"{image.digest.removeprefix('sha256:')[:32]}.ext4"
+    async def _image_disk(self, image: Image, free_mb: int) -> Path:
+        """The image as an ext4 file with free_mb of room: the sandbox's disk space."""
+        path = self.root / "disks" / f"{image.digest.removeprefix('sha256:')[:32]}-{free_mb}m.ext4"
         async with self._lock("disk:" + path.name):
             if not path.exists():
-                await asyncio.to_thread(disk.make_image_disk, image.rootfs, path, self.cfg.disk_free_mb)
+                await asyncio.to_thread(disk.make_image_disk, image.rootfs, path, free_mb)
         return path
 
     async def _snapshot(self, shape: vm.Shape, base: Path) -> Path:
@@ -272,9 +273,10 @@ class MicroVMProvider(Provider):
         if self.assets is None:
             raise Unavailable("the microvm provider is not started")
         image = await self.images.ensure(spec.image)
-        base = await self._image_disk(image)
+        # disk_mb is the free space on the sandbox's root filesystem (part of the shape).
+        base = await self._image_disk(image, spec.disk_mb or self.cfg.disk_free_mb)
         bridge = spec.network == "bridge"
-        shape = vm.Shape(image.digest, guest_mem_mb(spec.memory_mb, self.cfg.guest_overhead_mb), spec.vcpus, bridge,
+        shape = vm.Shape(base.name, guest_mem_mb(spec.memory_mb, self.cfg.guest_overhead_mb), spec.vcpus, bridge,
                          self.accel, self.assets.assets_id, self.kernel_args)
         snap = await self._snapshot(shape, base) if self.cfg.snapshots else None
         files = self._files(sid)

@@ -37,7 +37,7 @@ QEMU_OVERHEAD_MB = 192  # QEMU's own memory (TCG translation cache, device state
 class Shape:
     """What a snapshot is made for: restores must match it exactly."""
 
-    image_digest: str
+    disk: str  # the base disk's name: image digest and free space
     mem_mb: int
     vcpus: int
     network: bool
@@ -47,7 +47,7 @@ class Shape:
 
     @property
     def key(self) -> str:
-        raw = "|".join(str(v) for v in (self.image_digest, self.mem_mb, self.vcpus, self.network, self.accel,
+        raw = "|".join(str(v) for v in (self.disk, self.mem_mb, self.vcpus, self.network, self.accel,
                                          self.assets_id, self.kernel_args))
         return hashlib.sha256(raw.encode()).hexdigest()[:20]
 
