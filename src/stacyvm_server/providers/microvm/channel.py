@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+from collections.abc import Callable
 from typing import Any
 
 from stacyvm_server.errors import ProviderError
@@ -39,6 +40,19 @@ class Channel:
         if ev is None:
             raise self.failed or AgentGone("the microVM agent connection closed")
         return ev
+
+    async def opened(self, ev: str, timeout: float, failure: Callable[[str], Exception]) -> None:
+        """Wait for the guest's `ev` answer to this channel's request; on an error or a
+        timeout close the channel and raise failure(why)."""
+        try:
+            kind, m = await asyncio.wait_for(self.next(), timeout)
+        except TimeoutError:
+            self.close()
+            raise failure(f"no answer from the guest agent within {timeout:.0f} s") from None
+        if kind == "msg" and m.get("ev") == ev:
+            return
+        self.close()
+        raise failure(str(m.get("message") or m) if kind == "msg" else "unexpected data")
 
     def consumed(self, n: int) -> None:
         """Return credit for n DATA bytes the consumer has taken."""

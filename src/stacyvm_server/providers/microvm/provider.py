@@ -396,14 +396,7 @@ class MicroVMProvider(Provider):
         rows, cols = spec.tty_size or (24, 80)
         ch = conn.channel("exec", argv=spec.argv, env=spec.env, workdir=spec.workdir, user=spec.user,
                           stdin=spec.stdin, tty=spec.tty, rows=rows, cols=cols)
-        try:
-            kind, m = await asyncio.wait_for(ch.next(), 30)
-        except TimeoutError:
-            ch.close()
-            raise ProviderError(f"the agent of sandbox {handle.sandbox_id} did not start the command") from None
-        if kind != "msg" or m.get("ev") != "started":
-            ch.close()
-            raise BadRequest(f"cannot start {spec.argv[0]!r}: {m.get('message') if kind == 'msg' else m}")
+        await ch.opened("started", 30, lambda why: BadRequest(f"cannot start {spec.argv[0]!r}: {why}"))
         return MicroVMExec(ch, spec.tty, spec.stdin)
 
     # files ---------------------------------------------------------------------------------
@@ -499,16 +492,9 @@ class MicroVMProvider(Provider):
     async def connect(self, handle: SandboxHandle, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """Through the agent: it connects to 127.0.0.1:port in the guest, whatever the network."""
         ch = (await self._conn(handle)).channel("connect", port=port)
-        try:
-            kind, m = await asyncio.wait_for(ch.next(), 10)
-        except TimeoutError:
-            ch.close()
-            raise PortClosed(f"connect to port {port} in sandbox {handle.sandbox_id} timed out") from None
-        if kind != "msg" or m.get("ev") != "connected":
-            ch.close()
-            why = m.get("message", "no answer") if kind == "msg" else "unexpected data"
-            raise PortClosed(f"nothing is listening on port {port} in sandbox {handle.sandbox_id} ({why}): "
-                             "start a server there that listens on 127.0.0.1 or 0.0.0.0")
+        await ch.opened("connected", 10, lambda why: PortClosed(
+            f"nothing is listening on port {port} in sandbox {handle.sandbox_id} ({why}): "
+            "start a server there that listens on 127.0.0.1 or 0.0.0.0"))
         ours, theirs = socket.socketpair()
         ours.setblocking(False)
         task = asyncio.create_task(_relay(ch, ours))
