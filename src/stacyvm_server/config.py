@@ -138,9 +138,9 @@ class DockerConfig(_Section):
     enabled: bool = False
     socket: str = "/var/run/docker.sock"
     runtime: Literal["runc", "crun", "runsc", "kata-runtime"] = "runc"
-    # Runtimes an operator allows (the server's `runtime` is always allowed).
-    allowed_runtimes: list[Literal["runc", "crun", "runsc", "kata-runtime"]] = Field(
-        default_factory=lambda: ["runc"])  # type: ignore[arg-type]
+    # Runtimes a spawn may ask for with its `runtime` field, besides `runtime` (the
+    # default, always allowed). Empty: every sandbox uses `runtime`.
+    allowed_runtimes: list[Literal["runc", "crun", "runsc", "kata-runtime"]] = Field(default_factory=list)
     # Our own bridge network for network "bridge" (created when missing).
     network: str = "stacyvm"
     bridge_name: str = "stacyvm0"
