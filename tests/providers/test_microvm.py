@@ -26,6 +26,7 @@ from stacyvm_server.providers.base import Provider, SandboxHandle, SandboxSpec
 from stacyvm_server.providers.microvm.provider import MicroVMProvider
 from stacyvm_server.providers.native import network, nft
 from tests.providers.conformance import ProviderConformance, run, sh
+from tests.providers.test_native_tty import TtyChecks
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 ASSETS = Path("/var/cache/stacyvm/microvm-assets")
@@ -128,22 +129,12 @@ class TestMicroVM(ProviderConformance):
         await run(provider, h, ["rm", "/fill"])
         assert (await run(provider, h, sh("echo fine > /after && cat /after"))).out == b"fine\n"
 
-    async def test_tty(self, provider: Provider, sandbox: SandboxHandle) -> None:
-        from stacyvm_server.providers.base import ExecSpec
 
-        proc = await provider.exec(sandbox, ExecSpec(argv=sh("stty size; read x; echo got-$x; exit 42"),
-                                                     stdin=True, tty=True, tty_size=(33, 101)))
-        out = bytearray()
 
-        async def drain() -> None:
-            async for _, chunk in proc.output():
-                out.extend(chunk)
+class TestMicroVMTty(TtyChecks):
+    """Issue #6's terminal checks, as for native: the agent's pty in the guest."""
 
-        task = asyncio.create_task(drain())
-        await proc.write_stdin(b"hello\r")
-        await asyncio.wait_for(task, 30)
-        assert b"33 101" in out and b"got-hello" in out, bytes(out)
-        assert (await proc.wait()).exit_code == 42
+    share_sandbox = True
 
 
 def _qemu_cmdlines() -> list[str]:
