@@ -19,6 +19,7 @@ from typing import Any
 from stacyvm_server.errors import ProviderError
 from stacyvm_server.providers.microvm import protocol as P
 
+MAX_QUEUED = 4096  # events one channel may hold unread (each DATA is at most 64 KiB + EOFs)
 Event = tuple[str, Any]  # ("data", (stream, bytes)) | ("msg", dict)
 
 
@@ -30,7 +31,8 @@ class Channel:
     def __init__(self, conn: AgentConnection, chan: int) -> None:
         self.conn, self.id = conn, chan
         self.events: asyncio.Queue[Event | None] = asyncio.Queue()
-        self.credit = P.WINDOW
+        self.credit = P.WINDOW  # what we may still send
+        self.unacked = 0  # what the guest sent that our consumer has not taken yet
         self._credit_changed = asyncio.Event()
         self.failed: BaseException | None = None
 
@@ -57,6 +59,7 @@ class Channel:
     def consumed(self, n: int) -> None:
         """Return credit for n DATA bytes the consumer has taken."""
         if n:
+            self.unacked -= n
             self.conn.write(P.ack(self.id, n))
 
     # outbound --------------------------------------------------------------------------
@@ -155,12 +158,19 @@ class AgentConnection:
                     ch = self.channels.get(chan)
                     if ch is None:
                         continue
+                    if kind == P.ACK:
+                        ch._acked(P.decode_ack(payload))
+                        continue
+                    # The guest is untrusted: it must respect our window, or it could
+                    # make us buffer without bound.
+                    if kind == P.DATA:
+                        ch.unacked += len(payload) - 1
+                    if ch.unacked > P.WINDOW or ch.events.qsize() > MAX_QUEUED:
+                        raise P.ProtocolError(f"channel {chan} overran its window")
                     if kind == P.MSG:
                         ch.events.put_nowait(("msg", P.decode_msg(payload)))
-                    elif kind == P.DATA:
-                        ch.events.put_nowait(("data", (payload[0], payload[1:])))
                     else:
-                        ch._acked(P.decode_ack(payload))
+                        ch.events.put_nowait(("data", (payload[0], payload[1:])))
         except (P.ProtocolError, ValueError) as exc:  # a guest speaking garbage is cut off
             error = AgentGone(f"the microVM agent broke the protocol: {exc}")
         except ConnectionError:
