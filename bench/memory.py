@@ -101,11 +101,14 @@ def meminfo() -> dict[str, int]:
     return info
 
 
-def snapshot(sandbox_ids: Iterable[str], server_pid: int | None) -> Snapshot:
-    """Only the cgroups of the given sandboxes: other sandboxes on the host are not ours to count."""
+def snapshot(sandbox_ids: Iterable[str], server_pid: int | None, cgroups: Path = MEMORY_CGROUPS) -> Snapshot:
+    """Only the cgroups of the given sandboxes: other sandboxes on the host are not ours to count.
+
+    `cgroups`: the provider's memory cgroup parent (microvm: stacyvm-microvm, one QEMU per cgroup).
+    """
     found = usage = rss = cache = procs = procs_rss = procs_pss = 0
     for sid in sandbox_ids:
-        d = MEMORY_CGROUPS / sid
+        d = cgroups / sid
         if not d.is_dir():
             continue
         found += 1
@@ -125,5 +128,5 @@ def snapshot(sandbox_ids: Iterable[str], server_pid: int | None) -> Snapshot:
                     info.get("MemTotal", 0) - info.get("MemAvailable", 0), info.get("SUnreclaim", 0))
 
 
-def leftover_cgroups(sandbox_ids: Iterable[str]) -> list[str]:
-    return [sid for sid in sandbox_ids if (MEMORY_CGROUPS / sid).is_dir()]
+def leftover_cgroups(sandbox_ids: Iterable[str], cgroups: Path = MEMORY_CGROUPS) -> list[str]:
+    return [sid for sid in sandbox_ids if (cgroups / sid).is_dir()]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Collection
 from typing import Any
 
 from bench.runner import Results
@@ -14,10 +16,17 @@ DOCKER_TARGET_MILESTONES = ("create", "exec_true", "destroy")
 DOCKER_MAX_RATIO = 1.15
 
 
+# Providers whose results live in a section of their own (markers below), not under "Current results":
+# a run of only these replaces that section and leaves the rest of the page as it is.
+SEPARATE = ("microvm",)
+MICROVM_BEGIN = "<!-- microvm-tcg:begin -->"
+MICROVM_END = "<!-- microvm-tcg:end -->"
+_MICROVM_SECTION = re.compile(re.escape(MICROVM_BEGIN) + r".*?" + re.escape(MICROVM_END), re.S)
+
 # Table order; anything else follows in the order it was measured.
 ORDER = (
-    "create", "create_to_first_exec", "exec_true", "exec_true_server_duration", "exec_python",
-    "exec_python_server_duration", "http_health", "stream_ttfb", "stream_total", "destroy",
+    "first_create", "cold_boot", "create", "create_to_first_exec", "exec_true", "exec_true_server_duration",
+    "exec_python", "exec_python_server_duration", "http_health", "stream_ttfb", "stream_total", "destroy",
     "runtime_create", "runtime_start",
 )
 
@@ -141,7 +150,12 @@ def _drift(signal: int, drift: int | None) -> str:
     return f" (not meaningful: the host drifted {drift / 1024:+,.0f} KiB over the run)"
 
 
-def results_markdown(doc: dict[str, Any]) -> list[str]:
+def results_markdown(doc: dict[str, Any], only: Collection[str] | None = None,
+                     exclude: Collection[str] = ()) -> list[str]:
+    """The run's header and the sections of its providers (`only` these, none of `exclude`)."""
+    def wanted(label: str) -> bool:
+        return (only is None or label in only) and label not in exclude
+
     m = doc["machine"]
     out = [
         f"Run of {doc['started_at']} ({doc['duration_s']:.0f} s), mode `{doc['mode']}`, "
@@ -159,10 +173,12 @@ def results_markdown(doc: dict[str, Any]) -> list[str]:
         "",
     ]
     for label, why in doc.get("providers_failed", {}).items():
-        out += [f"**{label} could not be measured in this run**: {why}", ""]
+        if wanted(label):
+            out += [f"**{label} could not be measured in this run**: {why}", ""]
     for label, prov in doc["providers"].items():
-        out += _provider_markdown(label, prov, doc["baselines"].get(prov["baseline"], {}))
-    if doc["targets"] and "native" in doc["providers"]:
+        if wanted(label):
+            out += _provider_markdown(label, prov, doc["baselines"].get(prov["baseline"], {}))
+    if doc["targets"] and "native" in doc["providers"] and wanted("native"):
         out += ["### issue 3 targets (native with crun, image cached)", "",
                 "| target | measured | met |", "|---|--:|---|"]
         for t in doc["targets"]:
@@ -170,7 +186,7 @@ def results_markdown(doc: dict[str, Any]) -> list[str]:
             met = "yes" if t["met"] else "**no**"
             out.append(f"| {t['milestone']} {t['stat']} <= {t['limit_ms']:.0f} ms | {v} | {met} |")
         out.append("")
-    if doc.get("docker_targets"):
+    if any(wanted(t["provider"]) for t in doc.get("docker_targets", [])):
         out += ["### issue 4 target: docker overhead on top of raw Docker API calls <= 15% at p50", "",
                 "| provider | milestone | ours p50 | raw Docker p50 | overhead | met |", "|---|---|--:|--:|--:|---|"]
         for t in doc["docker_targets"]:
@@ -188,7 +204,8 @@ def _provider_markdown(label: str, prov: dict[str, Any], base: dict[str, Any]) -
     raw = base.get("milestones", {})
     ex = prov["extras"]
     kind = prov.get("provider", "native")
-    rt = prov["runtime"] if kind == "native" else f"Docker API ({prov['runtime']})"
+    rt = {"native": prov["runtime"], "docker": f"Docker API ({prov['runtime']})",
+          "microvm": f"QEMU ({prov['runtime'].upper()})"}.get(kind, prov["runtime"])
     srv = prov["server"]
     out = [
         f"### {label}: {kind} provider with {prov['runtime']}, through HTTP, beside raw {rt}",
@@ -197,6 +214,7 @@ def _provider_markdown(label: str, prov: dict[str, Any], base: dict[str, Any]) -
         f"version {srv.get('version', '?')}). Raw bundle: {base.get('bundle', 'not run')}. "
         f"Raw rootfs: {base.get('rootfs_source', 'not run')}.",
         "",
+        *(_microvm_notes(prov) if kind == "microvm" else []),
         *_table(ms, with_raw=True),
         "",
         f"Raw {rt} baseline (same run, interleaved):",
@@ -250,6 +268,50 @@ def _provider_markdown(label: str, prov: dict[str, Any], base: dict[str, Any]) -
 
 
 def write_markdown(doc: dict[str, Any], intro: str) -> str:
-    return intro.replace("{{RESULTS}}", "\n".join(results_markdown(doc))).replace(
+    return intro.replace("{{RESULTS}}", "\n".join(results_markdown(doc, exclude=SEPARATE))).replace(
         "{{WIDE}}", f"{WIDE_FACTOR:g}"
     )
+
+
+def _microvm_notes(prov: dict[str, Any]) -> list[str]:
+    """What the microvm run left out or shrank, said next to its table (never silently)."""
+    p = prov.get("plan", {})
+    firsts = prov["extras"].get("first_create_ms", {})
+    first = ", ".join(f"{k.rsplit('/', 1)[-1]} {v:.0f} ms" for k, v in firsts.items())
+    return [
+        f"Sizes for microvm under {prov['runtime'].upper()} (reduced from the other providers' plan): "
+        f"{p.get('iterations')} lifecycle and stream samples, {p.get('exec_iterations')} `exec true`, "
+        f"{p.get('python_iterations')} `python3 -c pass`, {p.get('warmup')} warm-ups per phase, bursts of "
+        f"{', '.join(str(b) for b in p.get('bursts', []))}, {p.get('file_reps')} file round trip(s) of "
+        f"{p.get('file_mb')} MB, density {p.get('density')}.",
+        "",
+        "The first create of a shape boots it cold and saves its snapshot; every later create of that shape "
+        "restores it. That first create is excluded from `create` as warm-up and reported on its own as "
+        "`first_create` (busybox: its image and disk were warmed with another shape first, so it is the "
+        f"cold boot + save + first restore alone). First creates in this run, image pull and disk build "
+        f"included where they happened: {first or '-'}. `cold_boot` and `first_create` are not interleaved "
+        "with the raw side (the raw side's run right after the server's warm-up).",
+        "",
+    ]
+
+
+def microvm_section(doc: dict[str, Any], template: str) -> str:
+    """The whole "microvm under TCG" section of docs/benchmarks.md, markers included."""
+    body = template.replace("{{RESULTS}}", "\n".join(results_markdown(doc, only=SEPARATE)))
+    return f"{MICROVM_BEGIN}\n{body.rstrip()}\n{MICROVM_END}"
+
+
+def extract_section(text: str) -> str | None:
+    m = _MICROVM_SECTION.search(text)
+    return m.group(0) if m else None
+
+
+def splice_section(text: str, new_section: str) -> str:
+    """Put new_section in place of the markers' section (or before "## Preview proxy" / "## Not measured yet")."""
+    if _MICROVM_SECTION.search(text):
+        return _MICROVM_SECTION.sub(lambda _: new_section, text, count=1)
+    for anchor in ("<!-- preview-proxy:begin -->", "## Preview proxy", "## Not measured yet"):
+        at = text.find(anchor)
+        if at >= 0:
+            return text[:at] + new_section + "\n\n" + text[at:]
+    return text.rstrip() + "\n\n" + new_section + "\n"

@@ -48,7 +48,12 @@ def _free_port() -> int:
         return port
 
 
+# Guest kernel and initramfs built by scripts/setup-microvm.sh (the server must not build them mid-run).
+MICROVM_ASSETS = Path("/var/cache/stacyvm/microvm-assets")
+
+
 def write_config(root: Path, port: int, image: str, runtime: str, provider: str = "native") -> Path:
+    """`runtime` is the OCI runtime (native, docker) or, for microvm, the accelerator (tcg, kvm, auto)."""
     cfg = {
         "server": {
             "host": "127.0.0.1",
@@ -63,6 +68,10 @@ def write_config(root: Path, port: int, image: str, runtime: str, provider: str 
     }
     if provider == "docker":
         cfg["docker"] = {"enabled": True, "runtime": runtime}
+    elif provider == "microvm":
+        # A state dir of this run's own: the first create of each shape boots cold and saves its snapshot.
+        cfg["microvm"] = {"enabled": True, "accel": runtime, "assets_dir": str(MICROVM_ASSETS),
+                          "state_dir": str(root / "microvm"), "build_assets": False}
     else:
         cfg["native"] = {"runtime": runtime}
     path = root / "stacyvm.yaml"
