@@ -331,10 +331,11 @@ class MicroVMProvider(Provider):
         if "pid" in meta:
             await asyncio.to_thread(vm.kill, int(meta["pid"]), files)
         await asyncio.to_thread(vm.cgroup_remove, sid)
-        await asyncio.to_thread(network.destroy_netns, sid)
-        for addr in await asyncio.to_thread(self.pool.owned_by, sid):
-            await nft.remove_binding(network.host_ifname(sid), addr)
-            self.pool.release(addr)
+        if "address" in meta or not meta:  # meta names the address before the netns exists
+            await asyncio.to_thread(network.destroy_netns, sid)
+            for addr in await asyncio.to_thread(self.pool.owned_by, sid):
+                await nft.remove_binding(network.host_ifname(sid), addr)
+                self.pool.release(addr)
         await asyncio.to_thread(shutil.rmtree, files.dir, True)
         self._locks.pop(sid, None)
 
