@@ -167,8 +167,7 @@ class RawMicroVM:
         pid = await asyncio.to_thread(self._spawn, self._shape(base), files, snap / "mem.state")
         box = self.vms[cid] = _VM(pid, files)
         try:
-            await vm.wait_incoming(files, TIMEOUT)
-            restore_ms = _ms(t1)
+            restore_ms = _ms(t1)  # QEMU started; it loads the state and resumes by itself
             t2 = time.perf_counter()
             box.conn = await self._ping(files)
         except BaseException as exc:
@@ -177,7 +176,7 @@ class RawMicroVM:
         return cid, UpTiming(overlay_ms, restore_ms, _ms(t2), _ms(t0))
 
     def up(self, base: Path | str) -> tuple[str, UpTiming]:
-        """qcow2 overlay on the snapshot's disk + QEMU -incoming + `cont` + agent ping.
+        """qcow2 overlay on the snapshot's disk + QEMU -incoming (resumes by itself) + agent ping.
 
         UpTiming: mount_ms = overlay, create_ms = spawn -> restored and running (QMP),
         start_ms = agent socket connect + ping answered.

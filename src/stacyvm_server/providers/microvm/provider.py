@@ -292,8 +292,8 @@ class MicroVMProvider(Provider):
             procs = await asyncio.to_thread(vm.cgroup_create, sid, shape.mem_mb, spec.vcpus)
             meta["pid"] = await self._launch(shape, files, snap / "mem.state" if snap else None, procs, netns)
             self._write_meta(sid, meta)
-            if snap is not None:
-                await vm.wait_incoming(files, self.cfg.boot_timeout)
+            # Restored or booting, the agent answers once the guest runs: QEMU holds
+            # our init until then.
             conn = await AgentConnection.open(str(files.agent), 30)
             self._conns[sid] = conn
             env = [*image.config.env, *(f"{k}={v}" for k, v in spec.env.items())]
@@ -303,7 +303,8 @@ class MicroVMProvider(Provider):
                                    pids_limit=spec.pids_limit, vcpus=spec.vcpus, env=env,
                                    workdir=image.config.workdir or "/", user=image.config.user or "root")
             except (ProviderError, OSError) as exc:
-                raise ProviderError(f"microVM {sid} did not start: {exc}; {vm.qemu_error(files)}") from None
+                raise ProviderError(f"microVM {sid} did not start: {exc}; QEMU state "
+                                    f"{await vm.status(files)}; {vm.qemu_error(files)}") from None
         except BaseException:
             await self._teardown(sid)
             raise

@@ -210,26 +210,20 @@ async def qmp(files: VMFiles, *commands: tuple[str, dict[str, Any] | None], time
             await client.disconnect()
 
 
-async def wait_incoming(files: VMFiles, timeout: float) -> None:
-    """After `-incoming`: wait until the state is loaded, then run the VM."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        (status,) = await qmp(files, ("query-status", None))
-        if status["status"] != "inmigrate":
-            break
-        if loop.time() > deadline:
-            raise ProviderError("restoring the microVM snapshot timed out")
-        await asyncio.sleep(0.02)
-    if status["status"] not in ("running",):
-        if status["status"] != "paused":
-            raise ProviderError(f"restored microVM is {status['status']}: {qemu_error(files)}")
-        await qmp(files, ("cont", None))
+async def status(files: VMFiles) -> str:
+    """QEMU's run state ("running", "inmigrate", "paused", ...), for error messages."""
+    try:
+        (st,) = await qmp(files, ("query-status", None), timeout=5)
+        return str(st["status"])
+    except Exception as exc:  # a dead or wedged QEMU: say so instead
+        return f"unknown ({exc})"
 
 
 async def save(files: VMFiles, state_file: Path, timeout: float) -> None:
-    """Stop the VM and write its RAM and device state to `state_file`."""
-    await qmp(files, ("stop", None), ("migrate", {"uri": f"exec:cat > {state_file}"}))
+    """Write the running VM's RAM and device state to `state_file` (a live migration:
+    the idle guest converges at once). Saved running, a restore resumes by itself
+    once `-incoming` has loaded it: no QMP round trips on the create path."""
+    await qmp(files, ("migrate", {"uri": f"exec:cat > {state_file}"}))
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while True:
