@@ -83,6 +83,12 @@ def _split_ref(ref: str) -> tuple[str, str]:
     return ref, "latest"
 
 
+# dockerd ends an attached exec when the detach keys pass through its stdin (default
+# Ctrl-P Ctrl-Q, two bytes binary stdin or a terminal user types). Docker cannot turn
+# detaching off, so this is a 6-byte sequence nobody types and binary data holds with
+# a chance of 2^-48 per position.
+DETACH_KEYS = "ctrl-@,ctrl-^,ctrl-_,ctrl-@,ctrl-^,ctrl-_"
+
 class DockerProvider(Provider):
     name = "docker"
     capabilities = ("spawn", "exec", "exec_stream", "stdin", "files", "health", "runtime_inventory",
@@ -385,7 +391,8 @@ class DockerProvider(Provider):
         # terminal of the exec's session). ConsoleSize needs API 1.42: sized after start.
         body = {"AttachStdin": spec.stdin, "AttachStdout": True, "AttachStderr": True, "Tty": spec.tty,
                 "Cmd": list(spec.argv), "Env": [f"{k}={v}" for k, v in spec.env.items()],
-                "WorkingDir": spec.workdir or "", "User": spec.user or "", "Privileged": False}
+                "WorkingDir": spec.workdir or "", "User": spec.user or "", "Privileged": False,
+                "DetachKeys": DETACH_KEYS}
         try:
             created = await self.client.request("POST", f"/containers/{cid}/exec", body=body)
         except DockerAPIError as exc:
