@@ -24,7 +24,7 @@ from bench import server as own_server
 from bench.api import Api, ApiError
 from bench.machine import describe
 from bench.raw import RawCrun, RawError, server_rootfs, uid_shift, umoci_rootfs
-from bench.raw_docker import RawDocker
+from bench.raw_docker import DockerCgroups, RawDocker
 from bench.raw_microvm import RawMicroVM
 from bench.report import (
     SEPARATE,
@@ -166,7 +166,6 @@ def raw_rootfs(images: list[str], data_dir: Path | None, work: Path, shift: int)
 def provider_plan(plan: Plan, provider: str, runtime: str, quick: bool = False) -> Plan:
     """runsc deletes take about 1.6 s and each sandbox runs a Sentry: fewer samples, smaller bursts.
 
-    docker: no density run yet (bench/memory.py reads the native provider's cgroups).
     microvm under TCG: every restore costs ~0.3-0.5 s of CPU and the agent moves ~10 MB/s:
     fewer samples, bursts of at most 20, files of at most 20 MB (the report says so).
     """
@@ -182,8 +181,6 @@ def provider_plan(plan: Plan, provider: str, runtime: str, quick: bool = False) 
             file_reps=min(plan.file_reps, 1 if quick else 2),
             density=min(plan.density, 3 if quick else 5),
         )
-    if provider == "docker":
-        plan = dataclasses.replace(plan, density=0)
     if runtime != "runsc":
         return plan
     return dataclasses.replace(
@@ -276,7 +273,8 @@ async def measure(a: argparse.Namespace, label: str, plan: Plan, work: Path) -> 
                             "raw": {}}
     try:
         info["server"]["version"] = (await api.health()).get("version")
-        cgroups = MICROVM_CGROUPS if provider == "microvm" else memory.MEMORY_CGROUPS
+        cgroups: memory.CgroupLocator = (MICROVM_CGROUPS if provider == "microvm" else
+                                         DockerCgroups() if provider == "docker" else memory.MEMORY_CGROUPS)
         runner = Runner(api, None, plan, {}, server_pid, cgroups)
         # The server pulls/unpacks; the raw side may then reuse its rootfs (microvm: its image disks).
         await runner.warm_images(first_create=provider == "microvm")

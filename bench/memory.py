@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 MEMORY_CGROUPS = Path("/sys/fs/cgroup/memory/stacyvm")
+# Where a sandbox's memory cgroup is: a parent directory holding one per sandbox id
+# (native, microvm), or a function of the sandbox id (docker: the container id's).
+CgroupLocator = Path | Callable[[str], Path | None]
+
+
+def _cgroup_dir(cgroups: CgroupLocator, sid: str) -> Path | None:
+    return cgroups / sid if isinstance(cgroups, Path) else cgroups(sid)
 
 
 @dataclass(frozen=True)
@@ -101,15 +108,15 @@ def meminfo() -> dict[str, int]:
     return info
 
 
-def snapshot(sandbox_ids: Iterable[str], server_pid: int | None, cgroups: Path = MEMORY_CGROUPS) -> Snapshot:
+def snapshot(sandbox_ids: Iterable[str], server_pid: int | None, cgroups: CgroupLocator = MEMORY_CGROUPS) -> Snapshot:
     """Only the cgroups of the given sandboxes: other sandboxes on the host are not ours to count.
 
     `cgroups`: the provider's memory cgroup parent (microvm: stacyvm-microvm, one QEMU per cgroup).
     """
     found = usage = rss = cache = procs = procs_rss = procs_pss = 0
     for sid in sandbox_ids:
-        d = cgroups / sid
-        if not d.is_dir():
+        d = _cgroup_dir(cgroups, sid)
+        if d is None or not d.is_dir():
             continue
         found += 1
         usage += _read_int(d / "memory.usage_in_bytes")
@@ -128,5 +135,5 @@ def snapshot(sandbox_ids: Iterable[str], server_pid: int | None, cgroups: Path =
                     info.get("MemTotal", 0) - info.get("MemAvailable", 0), info.get("SUnreclaim", 0))
 
 
-def leftover_cgroups(sandbox_ids: Iterable[str], cgroups: Path = MEMORY_CGROUPS) -> list[str]:
-    return [sid for sid in sandbox_ids if (cgroups / sid).is_dir()]
+def leftover_cgroups(sandbox_ids: Iterable[str], cgroups: CgroupLocator = MEMORY_CGROUPS) -> list[str]:
+    return [sid for sid in sandbox_ids if (d := _cgroup_dir(cgroups, sid)) is not None and d.is_dir()]

@@ -397,3 +397,23 @@ class RawDocker:
         self.http.close()
         for conn in self._conns:
             conn.close()
+
+
+class DockerCgroups:
+    """Density: a docker sandbox's memory cgroup. dockerd (cgroupfs driver, cgroup v1)
+    puts container <id> in /sys/fs/cgroup/memory/docker/<id>; the id is found once by
+    our label, then remembered so the leftover check after destroy looks at the same path."""
+
+    def __init__(self, socket_path: str = SOCKET) -> None:
+        self.http = httpx.Client(transport=httpx.HTTPTransport(uds=socket_path), base_url="http://docker",
+                                 timeout=10)
+        self.ids: dict[str, str] = {}
+
+    def __call__(self, sandbox_id: str) -> Path | None:
+        if sandbox_id not in self.ids:
+            filters = json.dumps({"label": [f"stacyvm.sandbox_id={sandbox_id}"]})
+            found = self.http.get(f"/{API_VERSION}/containers/json", params={"all": "1", "filters": filters}).json()
+            if not found:
+                return None
+            self.ids[sandbox_id] = str(found[0]["Id"])
+        return Path("/sys/fs/cgroup/memory/docker") / self.ids[sandbox_id]

@@ -111,7 +111,7 @@ def log(msg: str) -> None:
 class Runner:
     def __init__(self, api: Api, raw: RawCrun | RawDocker | RawMicroVM | None, plan: Plan,
                  rootfs: dict[str, Path | str], server_pid: int | None,
-                 memory_cgroups: Path = memory.MEMORY_CGROUPS) -> None:
+                 memory_cgroups: memory.CgroupLocator = memory.MEMORY_CGROUPS) -> None:
         self.api = api
         self.raw = raw
         self.plan = plan
