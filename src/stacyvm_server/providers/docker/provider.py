@@ -446,9 +446,16 @@ class DockerProvider(Provider):
             if code == 137 and memcg is not None and _oom_kills(memcg) > oom_before:
                 return "oom"
             if runtime == "runsc" and code in (128, 137):
-                # gVisor: an OOM ends the whole sandbox; the exec then reports 128.
-                st = await self.state(handle)
-                return "oom" if st.reason == "oom" else None
+                # gVisor: an OOM (or the pids budget) ends the whole sandbox; the exec then
+                # reports 128 (runsc lost the sandbox) at once, while dockerd may still list
+                # the container as running for a moment. After a 128, wait for dockerd to see
+                # it stop, so the reason and what state() says next are the end's; a 137 is
+                # usually a process killed in a live sandbox, checked once.
+                for _ in range(60 if code == 128 else 1):
+                    st = await self.state(handle)
+                    if not st.alive:
+                        return "oom" if st.reason == "oom" else None
+                    await asyncio.sleep(0.05)
             return None
 
         return DockerExecProcess(self.client, exec_id, stream, cid, exit_reason, spec.stdin, inner_kill,
