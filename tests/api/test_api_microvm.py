@@ -40,6 +40,8 @@ def microvm_server(test_images: dict[str, str], tmp_path_factory: pytest.TempPat
     destroy_all(server)
     stop_server(server)
     shutil.rmtree(server.data_dir, ignore_errors=True)
+    # With no VM left, a clean shutdown also removes the provider's parent cgroups.
+    assert not Path("/sys/fs/cgroup/memory/stacyvm-microvm").exists()
 
 
 def test_sdk_spawn_exec_files_destroy(microvm_server: ServerProc) -> None:

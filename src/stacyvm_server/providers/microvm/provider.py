@@ -199,6 +199,7 @@ class MicroVMProvider(Provider):
         conns, self._conns = list(self._conns.values()), {}
         for conn in conns:
             await conn.close()
+        await asyncio.to_thread(vm.cgroup_remove_parent)
 
     async def health(self) -> ProviderHealth:
         t0 = time.monotonic()

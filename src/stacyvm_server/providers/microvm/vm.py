@@ -101,8 +101,11 @@ def qemu_argv(qemu: str, assets: Assets, shape: Shape, files: VMFiles, incoming:
 
 
 # host cgroups (v1 here; one directory per controller) ------------------------------------
+_CONTROLLERS = ("memory", "cpu", "cpuacct", "pids")
+
+
 def _cg_dirs(sandbox_id: str) -> dict[str, Path]:
-    return {c: CGROUP_ROOT / c / CGROUP_PARENT / sandbox_id for c in ("memory", "cpu", "cpuacct", "pids")}
+    return {c: CGROUP_ROOT / c / CGROUP_PARENT / sandbox_id for c in _CONTROLLERS}
 
 
 def cgroup_create(sandbox_id: str, mem_mb: int, vcpus: int) -> list[Path]:
@@ -131,6 +134,13 @@ def cgroup_remove(sandbox_id: str) -> None:
     for d in _cg_dirs(sandbox_id).values():
         with contextlib.suppress(FileNotFoundError):
             d.rmdir()
+
+
+def cgroup_remove_parent() -> None:
+    """Blocking. Drop the shared parent cgroups when no VM is left in them (EBUSY otherwise)."""
+    for c in _CONTROLLERS:
+        with contextlib.suppress(OSError):
+            (CGROUP_ROOT / c / CGROUP_PARENT).rmdir()
 
 
 def cgroup_leftovers(sandbox_id: str) -> list[str]:
