@@ -29,13 +29,12 @@ from bench.raw_microvm import RawMicroVM
 from bench.report import (
     SEPARATE,
     build_json,
-    extract_section,
     microvm_section,
     results_markdown,
-    splice_section,
     write_markdown,
 )
 from bench.runner import Plan, Results, Runner, log
+from bench.sections import MICROVM, PREVIEW
 from stacyvm_server.config import MicroVMConfig
 from stacyvm_server.providers.microvm import assets as assets_mod
 from stacyvm_server.providers.microvm.provider import guest_mem_mb
@@ -90,6 +89,18 @@ DOCKER_RAW_WHAT = {
     "file_write": "PUT /containers/{id}/archive?path=/tmp with a one-file tar of N MB (tar built before the clock)",
     "file_read": "GET /containers/{id}/archive?path=<file> to the last byte (untarred after the clock)",
 }
+
+
+def run_head(command: str, quick: bool, started: datetime, t0: float, machine: Any) -> dict[str, Any]:
+    """What every results JSON says about its run: command, mode, time, load, machine."""
+    return {
+        "command": command.strip(),
+        "mode": "quick" if quick else "full",
+        "started_at": started.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "duration_s": round(time.monotonic() - t0, 1),
+        "load_avg_end": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+        "machine": machine.to_json(),
+    }
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -378,15 +389,7 @@ def run_preview(a: argparse.Namespace, argv: list[str] | None) -> int:
         return 1
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    head = {
-        "command": command.strip(),
-        "mode": "quick" if a.quick else "full",
-        "started_at": started.strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "duration_s": round(time.monotonic() - t0, 1),
-        "load_avg_end": " ".join(f"{x:.2f}" for x in os.getloadavg()),
-        "machine": machine.to_json(),
-    }
-    doc = preview_bench.build_json(results, head, server)
+    doc = preview_bench.build_json(results, run_head(command, a.quick, started, t0, machine), server)
     if a.json_out:
         a.json_out.parent.mkdir(parents=True, exist_ok=True)
         a.json_out.write_text(json.dumps(doc, indent=1) + "\n")
@@ -401,7 +404,7 @@ def render(doc: dict[str, Any], out: Path | None) -> None:
         print("\n".join(preview_bench.results_markdown(doc)))
         if out:
             out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(preview_bench.splice(old, preview_bench.section(doc)))
+            out.write_text(PREVIEW.splice(old, preview_bench.section(doc)))
         return
     print("\n".join(results_markdown(doc)))
     if out:
@@ -411,14 +414,14 @@ def render(doc: dict[str, Any], out: Path | None) -> None:
         others = [p for p in [*doc["providers"], *failed] if p not in SEPARATE]
         if others or not old:
             text = write_markdown(doc, TEMPLATE.read_text())
-            kept = preview_bench.extract(old)  # a full run does not measure the preview: keep its section
-            text = preview_bench.splice(text, kept) if kept else text
-            mv = extract_section(old)  # nor, unless asked, the microvm section
-            text = splice_section(text, mv) if mv and not separate else text
+            kept = PREVIEW.extract(old)  # a full run does not measure the preview: keep its section
+            text = PREVIEW.splice(text, kept) if kept else text
+            mv = MICROVM.extract(old)  # nor, unless asked, the microvm section
+            text = MICROVM.splice(text, mv) if mv and not separate else text
         else:
             text = old  # a microvm-only run replaces its own section and nothing else
         if separate:
-            text = splice_section(text, microvm_section(doc, MICROVM_TEMPLATE.read_text()))
+            text = MICROVM.splice(text, microvm_section(doc, MICROVM_TEMPLATE.read_text()))
         out.write_text(text)
 
 
@@ -468,16 +471,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work, ignore_errors=True)
     if not measured:
         return 1
-    head = {
-        "command": command.strip(),
-        "mode": "quick" if a.quick else "full",
-        "started_at": started.strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "duration_s": round(time.monotonic() - t0, 1),
-        "load_avg_end": " ".join(f"{x:.2f}" for x in os.getloadavg()),
-        "machine": machine.to_json(),
-        "providers_failed": failed,
-    }
-    doc = build_json(measured, head)
+    doc = build_json(measured, {**run_head(command, a.quick, started, t0, machine), "providers_failed": failed})
     if a.json_out:
         a.json_out.parent.mkdir(parents=True, exist_ok=True)
         a.json_out.write_text(json.dumps(doc, indent=1) + "\n")

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import re
 import socket
 import time
 from collections.abc import Iterable
@@ -33,13 +32,12 @@ from httpcore._backends.anyio import AnyIOStream
 
 from bench.api import Api, ApiError, SandboxSpec, file_body
 from bench.runner import log
+from bench.sections import PREVIEW
 from bench.stats import Series, summarize
 
 APP = Path(__file__).with_name("preview_app.py")
 MODES = ("direct", "host", "path")
 FAILURES = (ApiError, httpx.HTTPError, OSError, TimeoutError)
-BEGIN = "<!-- preview-proxy:begin -->"
-END = "<!-- preview-proxy:end -->"
 TEMPLATE = Path(__file__).with_name("preview_template.md")
 
 
@@ -401,22 +399,4 @@ def results_markdown(doc: dict[str, Any]) -> list[str]:
 def section(doc: dict[str, Any]) -> str:
     """The whole "Preview proxy" section of docs/benchmarks.md, markers included."""
     body = TEMPLATE.read_text().replace("{{RESULTS}}", "\n".join(results_markdown(doc)))
-    return f"{BEGIN}\n{body.rstrip()}\n{END}"
-
-
-_SECTION = re.compile(re.escape(BEGIN) + r".*?" + re.escape(END), re.S)
-
-
-def extract(text: str) -> str | None:
-    m = _SECTION.search(text)
-    return m.group(0) if m else None
-
-
-def splice(text: str, new_section: str) -> str:
-    """Put new_section in place of the markers' section in text (or before "## Not measured yet")."""
-    if _SECTION.search(text):
-        return _SECTION.sub(lambda _: new_section, text, count=1)
-    anchor = text.find("## Not measured yet")
-    if anchor < 0:
-        return text.rstrip() + "\n\n" + new_section + "\n"
-    return text[:anchor] + new_section + "\n\n" + text[anchor:]
+    return PREVIEW.wrap(body)

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Collection
 from typing import Any
 
 from bench.runner import Results
+from bench.sections import MICROVM
 from bench.stats import WIDE_FACTOR, Summary, summarize
 
 # Issue 3 acceptance: (milestone, statistic, limit in ms).
@@ -19,9 +19,6 @@ DOCKER_MAX_RATIO = 1.15
 # Providers whose results live in a section of their own (markers below), not under "Current results":
 # a run of only these replaces that section and leaves the rest of the page as it is.
 SEPARATE = ("microvm",)
-MICROVM_BEGIN = "<!-- microvm-tcg:begin -->"
-MICROVM_END = "<!-- microvm-tcg:end -->"
-_MICROVM_SECTION = re.compile(re.escape(MICROVM_BEGIN) + r".*?" + re.escape(MICROVM_END), re.S)
 
 # Table order; anything else follows in the order it was measured.
 ORDER = (
@@ -298,20 +295,4 @@ def _microvm_notes(prov: dict[str, Any]) -> list[str]:
 def microvm_section(doc: dict[str, Any], template: str) -> str:
     """The whole "microvm under TCG" section of docs/benchmarks.md, markers included."""
     body = template.replace("{{RESULTS}}", "\n".join(results_markdown(doc, only=SEPARATE)))
-    return f"{MICROVM_BEGIN}\n{body.rstrip()}\n{MICROVM_END}"
-
-
-def extract_section(text: str) -> str | None:
-    m = _MICROVM_SECTION.search(text)
-    return m.group(0) if m else None
-
-
-def splice_section(text: str, new_section: str) -> str:
-    """Put new_section in place of the markers' section (or before "## Preview proxy" / "## Not measured yet")."""
-    if _MICROVM_SECTION.search(text):
-        return _MICROVM_SECTION.sub(lambda _: new_section, text, count=1)
-    for anchor in ("<!-- preview-proxy:begin -->", "## Preview proxy", "## Not measured yet"):
-        at = text.find(anchor)
-        if at >= 0:
-            return text[:at] + new_section + "\n\n" + text[at:]
-    return text.rstrip() + "\n\n" + new_section + "\n"
+    return MICROVM.wrap(body)
