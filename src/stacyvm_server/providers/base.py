@@ -14,9 +14,17 @@ import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Literal
+from typing import Literal, Protocol
 
 from stacyvm_server.errors import BadRequest, Unavailable
+from stacyvm_server.images.model import Image
+
+
+class ImageSource(Protocol):
+    """Where providers that unpack images themselves get them (images.store.ImageStore)."""
+
+    async def ensure(self, ref: str, uid_shift: int = 0) -> Image: ...
+
 
 NetworkMode = Literal["none", "bridge"]
 StreamName = Literal["stdout", "stderr"]

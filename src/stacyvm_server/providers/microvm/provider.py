@@ -21,21 +21,22 @@ import contextlib
 import json
 import logging
 import os
-import re
 import shutil
 import socket
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from stacyvm_server.config import Settings
 from stacyvm_server.errors import BadRequest, PortClosed, ProviderError, SandboxFileError, Unavailable
+from stacyvm_server.ids import SANDBOX_ID_RE
 from stacyvm_server.images.model import Image
 from stacyvm_server.providers.base import (
     ExecSpec,
     FileInfo,
+    ImageSource,
     InventoryItem,
     Provider,
     ProviderHealth,
@@ -53,7 +54,6 @@ from stacyvm_server.providers.native import network, nft
 from stacyvm_server.providers.sandboxpath import file_error, normalize
 
 log = logging.getLogger("stacyvm.microvm")
-_ID_RE = re.compile(r"^[a-z0-9_]{1,40}$")
 KVM_PROBE_TIMEOUT = 10.0  # a KVM microVM answers in well under a second
 
 
@@ -68,10 +68,6 @@ def host_tsc_khz() -> int | None:
             if line.startswith("cpu MHz"):
                 return int(float(line.split(":")[1]) * 1000)
     return None
-
-
-class ImageSource(Protocol):
-    async def ensure(self, ref: str, uid_shift: int = 0) -> Image: ...
 
 
 def guest_mem_mb(memory_mb: int, overhead_mb: int) -> int:
@@ -269,7 +265,7 @@ class MicroVMProvider(Provider):
 
     async def create(self, spec: SandboxSpec) -> SandboxHandle:
         sid = spec.sandbox_id
-        if not _ID_RE.match(sid):
+        if not SANDBOX_ID_RE.match(sid):
             raise BadRequest(f"invalid sandbox id: {sid!r}")
         if self.assets is None:
             raise Unavailable("the microvm provider is not started")

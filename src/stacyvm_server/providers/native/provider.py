@@ -23,7 +23,6 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 from stacyvm_server.config import Settings
 from stacyvm_server.errors import BadRequest, NotFound, ProviderError, SandboxFileError
@@ -32,6 +31,7 @@ from stacyvm_server.providers.base import (
     ExecProcess,
     ExecSpec,
     FileInfo,
+    ImageSource,
     InventoryItem,
     Provider,
     ProviderHealth,
@@ -55,10 +55,6 @@ RUNSC_PIDS_PER_PROCESS = 16
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 # Characters with meaning in overlayfs mount options.
 _BAD_OVERLAY_CHARS = set(",:\\\n")
-
-
-class ImageSource(Protocol):
-    async def ensure(self, ref: str, uid_shift: int = 0) -> Image: ...
 
 
 @dataclass
