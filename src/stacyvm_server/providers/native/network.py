@@ -181,6 +181,7 @@ def create_userns_netns(sandbox_id: str, net_path: str, uid_shift: int, id_range
 
 
 _netns_dir_lock = threading.Lock()
+_netns_dir_ready = False
 
 
 def _netns_dir_mounted() -> None:
@@ -190,7 +191,12 @@ def _netns_dir_mounted() -> None:
     /run/netns onto itself and hides every netns we mounted there before it: their
     destroy then fails with EBUSY and the mounts leak.
     """
+    global _netns_dir_ready
+    if _netns_dir_ready:  # once per process: not a mount syscall and a lock per create
+        return
     with _netns_dir_lock:  # two first creates must not stack two bind mounts
+        if _netns_dir_ready:
+            return
         NETNS_DIR.mkdir(parents=True, exist_ok=True)
         try:
             syscalls.mount("none", str(NETNS_DIR), None, syscalls.MS_SHARED | syscalls.MS_REC)
@@ -200,6 +206,7 @@ def _netns_dir_mounted() -> None:
             # MS_REC: netns files mounted here before (an earlier server) stay visible.
             syscalls.mount(str(NETNS_DIR), str(NETNS_DIR), None, syscalls.MS_BIND | syscalls.MS_REC)
             syscalls.mount("none", str(NETNS_DIR), None, syscalls.MS_SHARED | syscalls.MS_REC)
+        _netns_dir_ready = True
 
 
 def _create(sandbox_id: str, plan: NetPlan, existing: bool = False) -> None:
