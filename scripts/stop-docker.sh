@@ -5,18 +5,6 @@ set -eu
 
 PIDFILE=/var/run/stacyvm-dockerd.pid
 
-if [ ! -f "$PIDFILE" ]; then
-    echo "stop-docker: no pidfile at $PIDFILE; nothing to stop"
-    exit 0
-fi
-PID=$(cat "$PIDFILE")
-if [ "$(cat "/proc/$PID/comm" 2>/dev/null)" = "dockerd" ]; then
-    kill "$PID"
-    i=0
-    while kill -0 "$PID" 2>/dev/null && [ "$i" -lt 200 ]; do i=$((i + 1)); sleep 0.1; done
-    kill -0 "$PID" 2>/dev/null && kill -9 "$PID"
-    echo "stop-docker: stopped dockerd pid $PID"
-else
-    echo "stop-docker: pid $PID is not dockerd; removing stale pidfile"
-fi
-rm -f "$PIDFILE" "$PIDFILE.dockerd"
+. "$(dirname "$0")/lib-daemon.sh"
+stop_pidfile stop-docker "$PIDFILE" dockerd 200
+rm -f "$PIDFILE.dockerd"
