@@ -14,21 +14,9 @@ from stacyvm import Client, SandboxNotFound
 
 from tests.conftest import BUSYBOX, PYTHON, ServerProc, destroy_all, start_server, stop_server
 from tests.preview.conftest import box_factory, start_app
+from tests.providers.test_microvm import qemu_pids
 
 MICROVM_ON = {"microvm": {"enabled": True, "assets_dir": "/var/cache/stacyvm/microvm-assets"}}
-
-
-def _qemu_for(sandbox_id: str) -> list[int]:
-    pids = []
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                cmd = Path(f"/proc/{d}/cmdline").read_bytes()
-            except OSError:
-                continue
-            if cmd.startswith(b"qemu-system") and f"/{sandbox_id}/".encode() in cmd:
-                pids.append(int(d))
-    return pids
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +39,7 @@ def test_sdk_spawn_exec_files_destroy(microvm_server: ServerProc) -> None:
         sb = client.spawn(image=BUSYBOX, provider="microvm", ttl="10m", metadata={"suite": "microvm"})
         try:
             assert sb.provider == "microvm" and sb.state == "running"
-            assert _qemu_for(sb.id)
+            assert qemu_pids(sb.id)
             assert sb.exec("uname -r").stdout.strip() != os.uname().release  # its own kernel
             r = sb.exec("echo hello; echo oops >&2; exit 3")
             assert (r.stdout, r.stderr, r.exit_code) == ("hello\n", "oops\n", 3)
@@ -67,7 +55,7 @@ def test_sdk_spawn_exec_files_destroy(microvm_server: ServerProc) -> None:
             sb.destroy()
         with pytest.raises(SandboxNotFound):
             client.get(sb.id)
-        assert _qemu_for(sb.id) == []
+        assert qemu_pids(sb.id) == []
 
 
 def test_preview_reaches_a_server_bound_to_guest_loopback(microvm_server: ServerProc) -> None:
@@ -92,7 +80,7 @@ def test_sigkill_and_restart_adopts_and_leaves_nothing(test_images: dict[str, st
             kept[0].write_file("/workspace/state.txt", "survives")
         server.proc.send_signal(signal.SIGKILL)
         server.proc.wait(10)
-        os.kill(_qemu_for(kept[1].id)[0], signal.SIGKILL)  # one VM dies while the server is down
+        os.kill(qemu_pids(kept[1].id)[0], signal.SIGKILL)  # one VM dies while the server is down
 
         server = start_server(root, extra=MICROVM_ON)  # same data dir
         with Client(server.base_url) as client:
@@ -104,7 +92,7 @@ def test_sigkill_and_restart_adopts_and_leaves_nothing(test_images: dict[str, st
             assert gone == [] or gone[0].state != "running"
         destroy_all(server)
         stop_server(server)
-        assert _qemu_for(kept[0].id) == [] and _qemu_for(kept[1].id) == []
+        assert qemu_pids(kept[0].id) == [] and qemu_pids(kept[1].id) == []
         assert not any((server.data_dir / "microvm" / "sandboxes").iterdir())
     finally:
         if server.proc.poll() is None:

@@ -67,7 +67,7 @@ class TestMicroVM(ProviderConformance):
         found = _mvm(provider).leftovers(sandbox_id)
         if any(b[0] == network.host_ifname(sandbox_id) for b in await nft.list_bindings()):
             found.append("nft binding")
-        if any(str(Path("sandboxes") / sandbox_id) in c for c in await asyncio.to_thread(_qemu_cmdlines)):
+        if await asyncio.to_thread(qemu_pids, sandbox_id):
             found.append("qemu process")
         return found
 
@@ -137,14 +137,15 @@ class TestMicroVMTty(TtyChecks):
     share_sandbox = True
 
 
-def _qemu_cmdlines() -> list[str]:
-    out = []
+def qemu_pids(sandbox_id: str) -> list[int]:
+    """Pids of QEMU processes running this sandbox's VM (their paths name its directory)."""
+    pids = []
     for d in os.listdir("/proc"):
         if d.isdigit():
             try:
-                cmd = Path(f"/proc/{d}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+                cmd = Path(f"/proc/{d}/cmdline").read_bytes()
             except OSError:
                 continue
-            if cmd.startswith("qemu-system"):
-                out.append(cmd)
-    return out
+            if cmd.startswith(b"qemu-system") and f"/sandboxes/{sandbox_id}/".encode() in cmd:
+                pids.append(int(d))
+    return pids
