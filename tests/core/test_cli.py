@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import httpx
@@ -62,6 +63,25 @@ def test_doctor_passes_on_prepared_host() -> None:
     res = stacyvm("doctor", check=False)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "all checks passed" in res.stdout
+
+
+def test_doctor_names_a_data_dir_sandboxes_cannot_reach() -> None:
+    """A 0700 directory above data_dir (mkdtemp, /root) would fail every native create with
+    EACCES: doctor (and the provider at start) names it and the fix."""
+    shut = Path(tempfile.mkdtemp(prefix="stacyvm-doctor-", dir="/var/tmp"))  # mode 0700
+    try:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("STACYVM_")}
+        env["STACYVM_SERVER_DATA_DIR"] = str(shut / "data")
+        cmd = [sys.executable, "-m", "stacyvm_server", "doctor"]
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+        assert res.returncode == 1, res.stdout + res.stderr
+        assert f"[FAIL] data-dir-traversable: {shut} (mode 0700)" in res.stdout
+        assert f"chmod o+x {shut}" in res.stdout
+        shut.chmod(0o711)
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+        assert res.returncode == 0 and "[ok  ] data-dir-traversable" in res.stdout, res.stdout + res.stderr
+    finally:
+        shutil.rmtree(shut, ignore_errors=True)
 
 
 def _image_cmd(*args: str, cache: Path) -> subprocess.CompletedProcess[str]:

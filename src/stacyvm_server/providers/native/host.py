@@ -89,7 +89,31 @@ def check_host(settings: Settings) -> list[Problem]:
     except OSError:
         ok2 = False
     out.append(Problem("openat2", ok2, "kernel >= 5.6 needed for safe file access", "upgrade the kernel"))
+    if settings.native.runtime != "runsc":
+        shut = untraversable(settings.native_dir)
+        out.append(Problem("data-dir-traversable", not shut,
+                           f"{shut} (mode {shut.stat().st_mode & 0o777:04o}) blocks the sandboxes' mapped root "
+                           f"(uid {bundle.UID_SHIFT}) on the way to {settings.native_dir}" if shut else "ok",
+                           f"chmod o+x {shut}, or set server.data_dir under a directory others may traverse"
+                           if shut else ""))
     return out
+
+
+def untraversable(path: Path) -> Path | None:
+    """The first existing directory on the way to `path` that others may not search (no o+x).
+
+    Sandboxes run in a user namespace whose root is uid 100000 on the host: to "others"
+    of every host directory. The runtime opens the bundle's rootfs as that uid, so a
+    0700 parent (mkdtemp, /root) would make every create fail with EACCES.
+    """
+    for d in [*reversed(path.absolute().parents), path.absolute()]:
+        try:
+            mode = d.stat().st_mode
+        except FileNotFoundError:
+            return None  # created later with mode 0755/0711 by the provider
+        if not mode & 0o001:
+            return d
+    return None
 
 
 async def fix_host(settings: Settings) -> list[Problem]:
