@@ -319,9 +319,16 @@ class ProviderConformance:
         r = await run(provider, h, sh("i=0; while [ $i -lt 100 ]; do sleep 2 >/dev/null 2>&1 & i=$((i+1)); done; "
                                       "echo started; exit 0"))
         if self.limits_end_whole_sandbox:
-            # The bomb is stopped by ending the sandbox; the host is untouched.
-            assert r.rc != 0 and b"started" not in r.out, (r.rc, r.out[-200:], r.err[-300:])
-            assert not (await provider.state(h)).alive
+            # The bomb is stopped by ending the sandbox; the host is untouched. gVisor notices the
+            # host pids budget a little after the guest forks, so the shell may already have
+            # printed "started" (seen once in 4 CI runs), even exited: the sandbox's end is what
+            # is required, and without a limit it would live on.
+            for _ in range(50):
+                if not (await provider.state(h)).alive:
+                    break
+                await asyncio.sleep(0.1)
+            else:
+                raise AssertionError(f"the sandbox survived the fork bomb: rc {r.rc}, {r.out[-200:]!r}")
             assert (await run(provider, h, ["echo", "alive"])).rc != 0
             return
         assert b"fork" in r.err.lower() or b"resource" in r.err.lower(), r.err[-300:]
