@@ -1,14 +1,26 @@
-"""The StacyVM REST API as the benchmark drives it: one keep-alive httpx client, timed calls."""
+"""The StacyVM REST API as the benchmark drives it.
+
+Timed JSON calls (create, exec, destroy, the health floor) go through the
+blocking client of bench/http1.py, one kept-alive connection per thread: the
+same client code that times the raw Docker API calls, so the two sides differ
+only by the server. Streams, files and previews use one keep-alive httpx client.
+"""
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import re
+import threading
 import time
 from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
+
+from bench.http1 import Http1Conn
 
 PREFIX = "/api/v1"
 
@@ -69,9 +81,36 @@ class Api:
             timeout=httpx.Timeout(300.0),
             limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
         )
+        parts = urlsplit(url)
+        if parts.scheme != "http" or not parts.hostname:
+            raise ValueError(f"server URL must be http://host:port, not {url!r}")
+        self._tcp = (parts.hostname, parts.port or 80)
+        self._host = parts.netloc
+        self._headers = headers
+        self._local = threading.local()  # one kept-alive connection per thread (bursts use threads)
+        self._conns: list[Http1Conn] = []
 
     async def aclose(self) -> None:
         await self.client.aclose()
+        for conn in self._conns:
+            conn.close()
+
+    def _conn(self) -> Http1Conn:
+        conn: Http1Conn | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = Http1Conn(tcp=self._tcp, host=self._host, prefix=PREFIX,
+                                                headers=self._headers)
+            self._conns.append(conn)
+        return conn
+
+    def _json(self, method: str, target: str, what: str, status: int, body: Any = None) -> tuple[Any, float]:
+        """One timed JSON call: (decoded body, ms from sending to the last byte)."""
+        t0 = time.perf_counter()
+        got, data = self._conn().call(method, target, body)
+        ms = _ms(t0)
+        if got != status:
+            raise ApiError(f"{what}: HTTP {got}: {data[:300].decode(errors='replace')}")
+        return (json.loads(data) if data else None), ms
 
     async def health(self) -> dict[str, object]:
         resp = await self.client.get("/health")
@@ -79,35 +118,30 @@ class Api:
         data: dict[str, object] = resp.json()
         return data
 
-    async def health_ms(self) -> float:
+    def health_ms(self) -> float:
+        return self._json("GET", "/health", "health", 200)[1]
+
+    async def health_ms_httpx(self) -> float:
+        """The same GET through httpx.AsyncClient: what that client library adds per call."""
         t0 = time.perf_counter()
         resp = await self.client.get("/health")
         ms = _ms(t0)
         _check(resp, "health")
         return ms
 
-    async def create(self, spec: SandboxSpec) -> tuple[str, float]:
-        t0 = time.perf_counter()
-        resp = await self.client.post("/sandboxes", json=spec.body())
-        ms = _ms(t0)
-        _check(resp, "create", 201)
-        data = resp.json()
+    def create(self, spec: SandboxSpec) -> tuple[str, float]:
+        data, ms = self._json("POST", "/sandboxes", "create", 201, spec.body())
         if data.get("state") != "running":
             raise ApiError(f"create: state {data.get('state')!r}, not running")
         return str(data["id"]), ms
 
-    async def exec(self, sid: str, command: str, args: list[str]) -> tuple[float, float | None]:
+    def exec(self, sid: str, command: str, args: list[str]) -> tuple[float, float | None]:
         """argv-mode exec, synchronous JSON; raises unless the exit code is 0.
 
         Returns (round trip ms, the server's own `duration` of the exec in ms).
         """
-        t0 = time.perf_counter()
-        resp = await self.client.post(
-            f"/sandboxes/{sid}/exec", json={"command": command, "args": args, "mode": "argv"}
-        )
-        ms = _ms(t0)
-        _check(resp, "exec")
-        data = resp.json()
+        data, ms = self._json("POST", f"/sandboxes/{sid}/exec", "exec", 200,
+                              {"command": command, "args": args, "mode": "argv"})
         if data.get("exit_code") != 0:
             raise ApiError(f"exec {command}: exit {data.get('exit_code')}: {str(data.get('stderr'))[:200]}")
         return ms, go_duration_ms(str(data.get("duration", "")))
@@ -131,12 +165,8 @@ class Api:
             raise ApiError(f"exec stream: no stdout line in {data[:200]!r}")
         return StreamTiming(headers, first, total)
 
-    async def destroy(self, sid: str) -> float:
-        t0 = time.perf_counter()
-        resp = await self.client.delete(f"/sandboxes/{sid}")
-        ms = _ms(t0)
-        _check(resp, "destroy")
-        return ms
+    def destroy(self, sid: str) -> float:
+        return self._json("DELETE", f"/sandboxes/{sid}", "destroy", 200)[1]
 
     async def list_ids(self) -> list[str]:
         resp = await self.client.get("/sandboxes")

@@ -288,7 +288,7 @@ async def measure(a: argparse.Namespace, label: str, plan: Plan, work: Path) -> 
                                          DockerCgroups() if provider == "docker" else memory.MEMORY_CGROUPS)
         runner = Runner(api, None, plan, {}, server_pid, cgroups)
         # The server pulls/unpacks; the raw side may then reuse its rootfs (microvm: its image disks).
-        await runner.warm_images(first_create=provider == "microvm")
+        runner.warm_images(first_create=provider == "microvm")
         if provider == "microvm" and state_dir is not None:
             for _key, ms in microvm_cold_boots(state_dir, guest_mem_mb(256, MicroVMConfig().guest_overhead_mb)):
                 runner.res.s("cold_boot").add(ms)

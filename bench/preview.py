@@ -155,7 +155,7 @@ class PreviewBench:
                 await c.aclose()  # before the destroy: our direct sockets hold the netns
             if self.sid is not None:
                 try:
-                    await self.api.destroy(self.sid)
+                    self.api.destroy(self.sid)
                 except FAILURES as exc:
                     self.res.extras.setdefault("cleanup_errors", []).append(f"destroy {self.sid}: {exc}")
         self.res.extras["plan"] = dataclasses.asdict(p)
@@ -164,10 +164,10 @@ class PreviewBench:
     async def _setup(self) -> None:
         p = self.plan
         log(f"preview: sandbox of {p.image}, app on port {p.port}")
-        self.sid, _ = await self.api.create(SandboxSpec(image=p.image))
+        self.sid, _ = self.api.create(SandboxSpec(image=p.image))
         sid = self.sid
         await self.api.write_file(sid, "/bench_app.py", file_body("/bench_app.py", APP.read_bytes()))
-        await self.api.exec(sid, "sh", ["-c", f"nohup python3 /bench_app.py {p.port} >/tmp/bench_app.log 2>&1 &"])
+        self.api.exec(sid, "sh", ["-c", f"nohup python3 /bench_app.py {p.port} >/tmp/bench_app.log 2>&1 &"])
         resp = await self.api.client.post(f"/sandboxes/{sid}/previews", json={"port": p.port, "ttl": "2h"})
         if resp.status_code != 201:
             raise ApiError(f"previews: HTTP {resp.status_code}: {resp.text[:300]}")

@@ -9,10 +9,10 @@ busybox bind mount, json-file log limits, network none, the same runtime.
 What the raw side does not send: the provider's labels and its hostname
 (measured: the same create + start time with and without them).
 
-The JSON calls (create, start, exec create and inspect, delete) are written by
-hand on one kept-alive connection, as the provider's client does: httpx's sync
-client costs ~0.25 ms more per call here, which would pad the baseline. Pulls
-and archives stream through httpx.
+The JSON calls (create, start, exec create and inspect, delete) go through
+bench/http1.py on one kept-alive connection, the same client code that times
+the calls to our server: httpx's sync client costs ~0.25 ms more per call here,
+which would pad the baseline. Pulls and archives stream through httpx.
 
 An exec is what `docker exec` does: `POST /containers/{id}/exec`, `POST
 /exec/{id}/start` on a hijacked connection read to EOF, then `GET
@@ -38,6 +38,7 @@ from urllib.parse import urlencode
 
 import httpx
 
+from bench.http1 import Http1Conn
 from bench.raw import RawError, UpTiming
 
 API_VERSION = "v1.41"
@@ -101,79 +102,6 @@ def container_body(image: str, runtime: str, memory_mb: int = 256, vcpus: int = 
     if runtime == "runsc":
         body["Volumes"] = {"/tmp": {}}  # as the provider: a real /tmp for the archive API under gVisor
     return body, source
-
-
-class _Conn:
-    """HTTP/1.1 JSON calls on one kept-alive unix connection (reopened when dockerd closed it)."""
-
-    def __init__(self, socket_path: str) -> None:
-        self.socket_path = socket_path
-        self.sock: socket.socket | None = None
-        self.buf = b""
-
-    def close(self) -> None:
-        if self.sock is not None:
-            self.sock.close()
-            self.sock = None
-
-    def call(self, method: str, target: str, body: Any = None) -> tuple[int, bytes]:
-        payload = b"" if body is None else json.dumps(body).encode()
-        head = (f"{method} /{API_VERSION}{target} HTTP/1.1\r\nHost: docker\r\n"
-                f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n").encode()
-        for attempt in (0, 1):
-            fresh = self.sock is None
-            if self.sock is None:
-                self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                self.sock.settimeout(TIMEOUT)
-                self.sock.connect(self.socket_path)
-                self.buf = b""
-            try:
-                self.sock.sendall(head + payload)
-                return self._response(method)
-            except (ConnectionError, EOFError):
-                self.close()
-                if fresh or attempt:
-                    raise
-        raise AssertionError("unreachable")
-
-    def _fill(self) -> None:
-        assert self.sock is not None
-        chunk = self.sock.recv(65536)
-        if not chunk:
-            raise EOFError("dockerd closed the connection")
-        self.buf += chunk
-
-    def _until(self, sep: bytes) -> bytes:
-        while sep not in self.buf:
-            self._fill()
-        out, _, self.buf = self.buf.partition(sep)
-        return out
-
-    def _exactly(self, n: int) -> bytes:
-        while len(self.buf) < n:
-            self._fill()
-        out, self.buf = self.buf[:n], self.buf[n:]
-        return out
-
-    def _response(self, method: str) -> tuple[int, bytes]:
-        lines = self._until(b"\r\n\r\n").decode("latin-1").split("\r\n")
-        status = int(lines[0].split(" ", 2)[1])
-        headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
-        if method == "HEAD" or status in (204, 304):
-            data = b""
-        elif headers.get("transfer-encoding", "").lower() == "chunked":
-            parts = []
-            while size := int(self._until(b"\r\n").split(b";")[0], 16):
-                parts.append(self._exactly(size))
-                self._exactly(2)
-            while self._until(b"\r\n"):  # trailers, then the empty line
-                pass
-            data = b"".join(parts)
-        else:
-            data = self._exactly(int(headers.get("content-length", "0")))
-        if headers.get("connection", "").lower() == "close":
-            self.close()
-        return status, data
 
 
 class _Hijacked:
@@ -244,7 +172,7 @@ class RawDocker:
                                  limits=httpx.Limits(max_connections=128, max_keepalive_connections=64),
                                  headers={"Accept-Encoding": "identity"})
         self._local = threading.local()  # one kept-alive connection per thread (bursts use threads)
-        self._conns: list[_Conn] = []
+        self._conns: list[Http1Conn] = []
         self._seq = 0
         _, source = container_body("x", runtime)
         self.bundle_source = f"Docker Engine API {API_VERSION} on {socket_path}, runtime {runtime}; body: {source}"
@@ -260,10 +188,11 @@ class RawDocker:
         return resp
 
     @property
-    def api(self) -> _Conn:
-        conn: _Conn | None = getattr(self._local, "conn", None)
+    def api(self) -> Http1Conn:
+        conn: Http1Conn | None = getattr(self._local, "conn", None)
         if conn is None:
-            conn = self._local.conn = _Conn(self.socket_path)
+            conn = self._local.conn = Http1Conn(unix_path=self.socket_path, host="docker",
+                                                prefix=f"/{API_VERSION}", timeout=TIMEOUT)
             self._conns.append(conn)
         return conn
 

@@ -23,8 +23,8 @@ SEPARATE = ("microvm",)
 # Table order; anything else follows in the order it was measured.
 ORDER = (
     "first_create", "cold_boot", "create", "create_to_first_exec", "exec_true", "exec_true_server_duration",
-    "exec_python", "exec_python_server_duration", "http_health", "stream_ttfb", "stream_total", "destroy",
-    "runtime_create", "runtime_start",
+    "exec_python", "exec_python_server_duration", "http_health", "http_health_httpx", "stream_ttfb", "stream_total",
+    "destroy", "runtime_create", "runtime_start",
 )
 
 

@@ -57,6 +57,7 @@ WHAT: dict[str, tuple[str, str]] = {
     "exec_true_server_duration": ("ms", "the `duration` the server reports inside those exec_true results"),
     "exec_python_server_duration": ("ms", "the `duration` the server reports inside those exec_python results"),
     "http_health": ("ms", "GET /api/v1/health on the same keep-alive client (HTTP floor, no sandbox work)"),
+    "http_health_httpx": ("ms", "the same GET through httpx.AsyncClient (what that client library adds per call)"),
     "stream_ttfb": ("ms", "POST /exec stream=true of `sh -c 'echo first; sleep 0.1; echo second'` -> first body byte"),
     "stream_total": ("ms", "the same streamed exec -> last body byte (includes the 100 ms sleep)"),
     "destroy": ("ms", "DELETE /sandboxes/{id} -> response (container, cgroups, overlay, netns gone)"),
@@ -127,13 +128,13 @@ class Runner:
     def spec(self, image: str) -> SandboxSpec:
         return SandboxSpec(image=image)
 
-    async def _create(self, image: str) -> tuple[str, float]:
-        sid, ms = await self.api.create(self.spec(image))
+    def _create(self, image: str) -> tuple[str, float]:
+        sid, ms = self.api.create(self.spec(image))
         self.live.add(sid)
         return sid, ms
 
-    async def _destroy(self, sid: str) -> float:
-        ms = await self.api.destroy(sid)
+    def _destroy(self, sid: str) -> float:
+        ms = self.api.destroy(sid)
         self.live.discard(sid)
         return ms
 
@@ -161,9 +162,20 @@ class Runner:
             raw()
             await server()
 
+    def _pair_blocking(self, i: int, server: Callable[[], None], raw: Callable[[], None]) -> None:
+        """_pair for the JSON calls, which both sides make with the blocking client (bench/http1.py)."""
+        if self.raw is None:
+            server()
+        elif i % 2 == 0:
+            server()
+            raw()
+        else:
+            raw()
+            server()
+
     # ------------------------------------------------------------------ phases
 
-    async def warm_images(self, first_create: bool = False) -> None:
+    def warm_images(self, first_create: bool = False) -> None:
         """Pull and unpack both images on the server (not measured).
 
         first_create (microvm): the busybox image is first warmed with another shape
@@ -174,12 +186,12 @@ class Runner:
         firsts = self.res.extras.setdefault("first_create_ms", {})
         for image in (self.plan.busybox, self.plan.python):
             if first_create and image == self.plan.busybox:
-                sid, ms = await self.api.create(SandboxSpec(image=image, memory_mb=512))
+                sid, ms = self.api.create(SandboxSpec(image=image, memory_mb=512))
                 self.live.add(sid)
-                await self._destroy(sid)
+                self._destroy(sid)
                 log(f"image warm: {image} with another shape ({ms:.0f} ms, not counted)")
-            sid, ms = await self._create(image)
-            await self._destroy(sid)
+            sid, ms = self._create(image)
+            self._destroy(sid)
             firsts[image] = round(ms, 1)
             if first_create and image == self.plan.busybox:
                 self.res.s("first_create").add(ms)
@@ -187,29 +199,29 @@ class Runner:
             else:
                 log(f"image warm: {image} (first create {ms:.0f} ms, not counted)")
 
-    async def lifecycle(self) -> None:
+    def lifecycle(self) -> None:
         p = self.plan
         log(f"lifecycle: {p.warmup} warm-up + {p.iterations} create/exec/destroy, server and raw interleaved")
         for i in range(p.warmup + p.iterations):
             res = self.res if i >= p.warmup else Results()  # warm-ups land in a throwaway
-            await self._pair(i, partial(self._lifecycle_server, res), partial(self._lifecycle_raw, res))
+            self._pair_blocking(i, partial(self._lifecycle_server, res), partial(self._lifecycle_raw, res))
 
-    async def _lifecycle_server(self, res: Results) -> None:
+    def _lifecycle_server(self, res: Results) -> None:
         t0 = time.perf_counter()
         try:
-            sid, c_ms = await self._create(self.plan.busybox)
+            sid, c_ms = self._create(self.plan.busybox)
         except FAILURES as exc:
             res.s("create").fail(_err(exc))
             res.s("create_to_first_exec").fail("create failed")
             return
         res.s("create").add(c_ms)
         try:
-            await self.api.exec(sid, "true", [])
+            self.api.exec(sid, "true", [])
             res.s("create_to_first_exec").add((time.perf_counter() - t0) * 1000)
         except FAILURES as exc:
             res.s("create_to_first_exec").fail(_err(exc))
         try:
-            res.s("destroy").add(await self._destroy(sid))
+            res.s("destroy").add(self._destroy(sid))
         except FAILURES as exc:
             res.s("destroy").fail(_err(exc))
 
@@ -233,11 +245,11 @@ class Runner:
         except FAILURES as exc:
             res.r("destroy").fail(_err(exc))
 
-    async def _with_pair(self, image: str, name: str) -> tuple[str | None, str | None]:
+    def _with_pair(self, image: str, name: str) -> tuple[str | None, str | None]:
         """One server sandbox and one raw container of `image`; failures are counted under `name`."""
         sid = cid = None
         try:
-            sid, _ = await self._create(image)
+            sid, _ = self._create(image)
         except FAILURES as exc:
             self.res.s(name).fail(f"sandbox: {_err(exc)}")
         if self.raw is not None:
@@ -247,29 +259,29 @@ class Runner:
                 self.res.r(name).fail(f"container: {_err(exc)}")
         return sid, cid
 
-    async def _release_pair(self, sid: str | None, cid: str | None) -> None:
+    def _release_pair(self, sid: str | None, cid: str | None) -> None:
         if sid is not None:
-            await self._destroy_quietly(sid)
+            self._destroy_quietly(sid)
         if cid is not None:
             self._raw_down_quietly(cid)
 
-    async def exec_loop(self, image: str, argv: list[str], name: str, n: int) -> None:
+    def exec_loop(self, image: str, argv: list[str], name: str, n: int) -> None:
         p = self.plan
         log(f"{name}: {p.warmup} warm-up + {n} execs of {' '.join(argv)!r} on one sandbox, interleaved with raw")
-        sid, cid = await self._with_pair(image, name)
+        sid, cid = self._with_pair(image, name)
         try:
             for i in range(p.warmup + n):
                 res = self.res if i >= p.warmup else Results()
-                await self._pair(i, partial(self._exec_server, res, sid, argv, name),
-                                 partial(self._exec_raw, res, cid, argv, name))
+                self._pair_blocking(i, partial(self._exec_server, res, sid, argv, name),
+                           partial(self._exec_raw, res, cid, argv, name))
         finally:
-            await self._release_pair(sid, cid)
+            self._release_pair(sid, cid)
 
-    async def _exec_server(self, res: Results, sid: str | None, argv: list[str], name: str) -> None:
+    def _exec_server(self, res: Results, sid: str | None, argv: list[str], name: str) -> None:
         if sid is None:
             return
         try:
-            ms, inner = await self.api.exec(sid, argv[0], argv[1:])
+            ms, inner = self.api.exec(sid, argv[0], argv[1:])
         except FAILURES as exc:
             res.s(name).fail(_err(exc))
             return
@@ -292,20 +304,24 @@ class Runner:
         for i in range(p.warmup + p.exec_iterations):
             res = self.res if i >= p.warmup else Results()
             try:
-                res.s("http_health").add(await self.api.health_ms())
+                res.s("http_health").add(self.api.health_ms())
             except FAILURES as exc:
                 res.s("http_health").fail(_err(exc))
+            try:
+                res.s("http_health_httpx").add(await self.api.health_ms_httpx())
+            except FAILURES as exc:
+                res.s("http_health_httpx").fail(_err(exc))
 
     async def stream(self) -> None:
         p = self.plan
         log(f"stream: {p.warmup} warm-up + {p.iterations} streamed execs")
-        sid, cid = await self._with_pair(p.busybox, "stream_ttfb")
+        sid, cid = self._with_pair(p.busybox, "stream_ttfb")
         try:
             for i in range(p.warmup + p.iterations):
                 res = self.res if i >= p.warmup else Results()
                 await self._pair(i, partial(self._stream_server, res, sid), partial(self._stream_raw, res, cid))
         finally:
-            await self._release_pair(sid, cid)
+            self._release_pair(sid, cid)
         headers = sorted(self.res.extras.pop("stream_headers", []))
         if headers:
             self.res.extras["stream_headers_ms_p50"] = round(headers[len(headers) // 2], 3)
@@ -333,24 +349,24 @@ class Runner:
         res.r("stream_ttfb").add(ttfb)
         res.r("stream_total").add(total)
 
-    async def bursts(self) -> None:
+    def bursts(self) -> None:
         for k, size in enumerate(self.plan.bursts):
             log(f"burst: {size} concurrent creates (server and raw)")
             if self.raw is None or k % 2 == 0:
-                await self._server_burst(size)
+                self._server_burst(size)
                 self._raw_burst_sync(size)
             else:
                 self._raw_burst_sync(size)
-                await self._server_burst(size)
+                self._server_burst(size)
 
-    async def _server_burst(self, size: int) -> None:
+    def _server_burst(self, size: int) -> None:
         name = f"burst_{size}"
         series = self.res.s(name)
-        series.what = f"latency of each of {size} concurrent POST /sandboxes (busybox), all sent at once"
+        series.what = f"latency of each of {size} concurrent POST /sandboxes (busybox), all sent at once, threads"
 
-        async def one() -> str | None:
+        def one(_: int) -> str | None:
             try:
-                sid, ms = await self._create(self.plan.busybox)
+                sid, ms = self._create(self.plan.busybox)
                 series.add(ms)
                 return sid
             except FAILURES as exc:
@@ -358,10 +374,12 @@ class Runner:
                 return None
 
         t0 = time.perf_counter()
-        ids = await asyncio.gather(*(one() for _ in range(size)))
+        with ThreadPoolExecutor(max_workers=size) as pool:
+            ids = list(pool.map(one, range(size)))
         wall = (time.perf_counter() - t0) * 1000
         t1 = time.perf_counter()
-        await asyncio.gather(*(self._destroy_quietly(sid) for sid in ids if sid))
+        with ThreadPoolExecutor(max_workers=size) as pool:
+            list(pool.map(self._destroy_quietly, [sid for sid in ids if sid]))
         self.res.extras[f"{name}_wall_ms"] = round(wall, 1)
         self.res.extras[f"{name}_destroy_wall_ms"] = round((time.perf_counter() - t1) * 1000, 1)
 
@@ -392,13 +410,13 @@ class Runner:
         p = self.plan
         log(f"files: {p.file_reps} x write+read of {p.file_mb} MB (server and raw pipe), sha256 checked")
         data = os.urandom(p.file_mb * 1_000_000)
-        sid, cid = await self._with_pair(p.busybox, "file_write")
+        sid, cid = self._with_pair(p.busybox, "file_write")
         try:
             for rep in range(p.file_reps):
                 await self._pair(rep, partial(self._files_server, sid, rep, data),
                                  partial(self._files_raw, cid, rep, data))
         finally:
-            await self._release_pair(sid, cid)
+            self._release_pair(sid, cid)
         self.res.extras["file_mb"] = p.file_mb
         self.res.extras.setdefault("file_requests_per_write", 1)
 
@@ -479,14 +497,15 @@ class Runner:
         ids: list[str] = []
         for _ in range(n):
             try:
-                sid, ms = await self._create(self.plan.busybox)
+                sid, ms = self._create(self.plan.busybox)
                 ids.append(sid)
                 series.add(ms)
             except FAILURES as exc:
                 series.fail(_err(exc))
         await asyncio.sleep(3.0)  # let page cache and lazy allocations settle
         after = memory.snapshot(ids, self.server_pid, self.memory_cgroups)
-        await asyncio.gather(*(self._destroy_quietly(sid) for sid in ids))
+        with ThreadPoolExecutor(max_workers=len(ids) or 1) as pool:
+            list(pool.map(self._destroy_quietly, ids))
         await asyncio.sleep(0.5)
         gone = memory.snapshot([], self.server_pid, self.memory_cgroups)
         held = max(after.sandboxes, 1)
@@ -517,9 +536,9 @@ class Runner:
 
     # ------------------------------------------------------------------ cleanup
 
-    async def _destroy_quietly(self, sid: str) -> None:
+    def _destroy_quietly(self, sid: str) -> None:
         try:
-            await self._destroy(sid)
+            self._destroy(sid)
         except FAILURES as exc:
             self.res.extras.setdefault("cleanup_errors", []).append(f"destroy {sid}: {_err(exc)}")
 
@@ -529,23 +548,23 @@ class Runner:
         except FAILURES as exc:
             self.res.extras.setdefault("cleanup_errors", []).append(f"raw down {cid}: {_err(exc)}")
 
-    async def cleanup(self) -> None:
+    def cleanup(self) -> None:
         for sid in list(self.live):
-            await self._destroy_quietly(sid)
+            self._destroy_quietly(sid)
         for cid in list(self.raw_live):
             self._raw_down_quietly(cid)
 
     async def run_all(self) -> Results:
         """Every phase after warm_images (which the caller runs first)."""
         try:
-            await self.lifecycle()
+            self.lifecycle()
             await self.http_floor()
-            await self.exec_loop(self.plan.busybox, ["true"], "exec_true", self.plan.exec_iterations)
-            await self.exec_loop(self.plan.python, PYTHON_ARGV, "exec_python", self.plan.python_iterations)
+            self.exec_loop(self.plan.busybox, ["true"], "exec_true", self.plan.exec_iterations)
+            self.exec_loop(self.plan.python, PYTHON_ARGV, "exec_python", self.plan.python_iterations)
             await self.stream()
-            await self.bursts()
+            self.bursts()
             await self.density()  # before files: their 100 MB buffers would blur the host numbers
             await self.files()
         finally:
-            await self.cleanup()
+            self.cleanup()
         return self.res

@@ -20,7 +20,7 @@ from tests.providers import docker_fixtures
 from tests.providers.docker_fixtures import docker_api
 
 SERVER_MILESTONES = (
-    "create", "create_to_first_exec", "exec_true", "exec_python", "http_health",
+    "create", "create_to_first_exec", "exec_true", "exec_python", "http_health", "http_health_httpx",
     "stream_ttfb", "stream_total", "destroy", "burst_10", "file_write", "file_read", "density_create",
 )
 docker_daemon = docker_fixtures.docker_daemon  # a session fixture, used by the docker smoke run
