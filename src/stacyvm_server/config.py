@@ -177,6 +177,10 @@ class MicroVMConfig(_Section):
     guest_overhead_mb: int = Field(default=96, ge=32)
     # Free space on each image's root disk above its content.
     disk_free_mb: int = Field(default=1024, ge=64)
+    # Image disks and snapshots kept for reuse, in MiB actually allocated on the host. Beyond
+    # it the least recently used that no sandbox needs are removed (when the cache grows, and
+    # at start); 0 keeps only what sandboxes use.
+    cache_max_mb: int = Field(default=20480, ge=0)
     boot_timeout: float = 180.0
 
 

@@ -129,6 +129,52 @@ class TestMicroVM(ProviderConformance):
         await run(provider, h, ["rm", "/fill"])
         assert (await run(provider, h, sh("echo fine > /after && cat /after"))).out == b"fine\n"
 
+    async def test_cache_trim_keeps_what_sandboxes_use(self, native_scratch: Path, native_images: object,
+                                                       image_ref: str) -> None:
+        """cache_max_mb 0: every disk and snapshot no sandbox uses goes when the cache grows
+        and at start; what a live sandbox reads stays, and it keeps working."""
+        settings = microvm_settings(native_scratch)
+        settings.microvm.state_dir = native_scratch / "microvm-cache"
+        settings.microvm.cache_max_mb = 0
+        p = MicroVMProvider(settings, native_images)  # type: ignore[arg-type]
+        await p.start()
+        root = settings.microvm.state_dir
+        made: list[SandboxHandle] = []
+
+        def cached() -> tuple[set[str], set[str]]:
+            return ({d.name for d in (root / "disks").glob("*m.ext4")},
+                    {d.name for d in (root / "snapshots").iterdir()})
+
+        async def spawn(disk_mb: int) -> SandboxHandle:
+            h = await p.create(SandboxSpec(new_sandbox_id(), image_ref, 64, 1, disk_mb=disk_mb))
+            made.append(h)
+            return h
+
+        try:
+            a = await spawn(200)
+            first = cached()
+            assert len(first[0]) == 1 and len(first[1]) == 1  # in use by a: kept although over budget
+            await p.destroy(a)
+            b = await spawn(300)  # the cache grows: a's disk and snapshot are unused now
+            second = cached()
+            assert second[0].isdisjoint(first[0]) and second[1].isdisjoint(first[1]), (first, second)
+            assert len(second[0]) == 1 and len(second[1]) == 1
+            c = await spawn(300)  # restored from b's snapshot: nothing new, nothing removed
+            assert cached() == second
+            for h in (b, c):
+                assert (await run(p, h, ["echo", "ok"])).out == b"ok\n"
+            await p.destroy(b)
+            await p.destroy(c)
+            (root / "snapshots" / "deadbeef.building").mkdir()  # what a crash mid-build leaves
+            await p.close()
+            p = MicroVMProvider(settings, native_images)  # type: ignore[arg-type]
+            await p.start()  # at start: nothing in use, budget 0
+            assert cached() == (set(), set())
+        finally:
+            for h in made:
+                await p.destroy(h)
+            await p.close()
+            shutil.rmtree(root, ignore_errors=True)
 
 
 class TestMicroVMTty(TtyChecks):

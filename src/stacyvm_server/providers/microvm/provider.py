@@ -24,7 +24,8 @@ import os
 import shutil
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -46,7 +47,7 @@ from stacyvm_server.providers.base import (
     SandboxStats,
 )
 from stacyvm_server.providers.microvm import assets as assets_mod
-from stacyvm_server.providers.microvm import disk, vm
+from stacyvm_server.providers.microvm import cache, disk, vm
 from stacyvm_server.providers.microvm import protocol as P
 from stacyvm_server.providers.microvm.channel import AgentConnection, Channel, GuestOSError, raise_for_error
 from stacyvm_server.providers.microvm.process import MicroVMExec
@@ -97,6 +98,7 @@ class MicroVMProvider(Provider):
         self._conns: dict[str, AgentConnection] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._relays: set[asyncio.Task[None]] = set()
+        self._busy: Counter[str] = Counter()  # disk names and shape keys held by creates in progress
 
     def describe(self) -> dict[str, str]:
         a = self.assets
@@ -121,6 +123,9 @@ class MicroVMProvider(Provider):
             self.assets = await asyncio.to_thread(assets_mod.build, self.assets_dir, log.info)
         for d in (self.boxes_dir, self.root / "disks", self.root / "snapshots"):
             d.mkdir(parents=True, exist_ok=True)
+        for p in await asyncio.to_thread(cache.remove_partial, self.root):
+            log.info("microvm: removed %s, left half-built by an earlier run", p)
+        await self._trim()
         self.accel = await self._choose_accel()
         self.kernel_args = self.cfg.kernel_args
         if self.accel == "tcg" and (khz := host_tsc_khz()):
@@ -203,20 +208,26 @@ class MicroVMProvider(Provider):
         return ProviderHealth(ok, None if ok else "qemu or guest assets missing", (time.monotonic() - t0) * 1000)
 
     # images, disks, snapshots ----------------------------------------------------------------
-    async def _image_disk(self, image: Image, free_mb: int) -> Path:
-        """The image as an ext4 file with free_mb of room: the sandbox's disk space."""
-        path = self.root / "disks" / f"{image.digest.removeprefix('sha256:')[:32]}-{free_mb}m.ext4"
-        async with self._lock("disk:" + path.name):
-            if not path.exists():
-                await asyncio.to_thread(disk.make_image_disk, image.rootfs, path, free_mb)
-        return path
+    def _disk_path(self, image: Image, free_mb: int) -> Path:
+        return self.root / "disks" / f"{image.digest.removeprefix('sha256:')[:32]}-{free_mb}m.ext4"
 
-    async def _snapshot(self, shape: vm.Shape, base: Path) -> Path:
-        """The snapshot directory for `shape`, made on first use (one builder per shape)."""
+    async def _image_disk(self, image: Image, free_mb: int) -> tuple[Path, bool]:
+        """The image as an ext4 file with free_mb of room (the sandbox's disk space); True when made now."""
+        path = self._disk_path(image, free_mb)
+        async with self._lock("disk:" + path.name):
+            if path.exists():
+                os.utime(path)  # the cache's last use
+                return path, False
+            await asyncio.to_thread(disk.make_image_disk, image.rootfs, path, free_mb)
+        return path, True
+
+    async def _snapshot(self, shape: vm.Shape, base: Path) -> tuple[Path, bool]:
+        """The snapshot directory for `shape`, made on first use (one builder per shape); True when made now."""
         final = self.root / "snapshots" / shape.key
         async with self._lock("snap:" + shape.key):
             if (final / "mem.state").exists():
-                return final
+                os.utime(final)
+                return final, False
             assert self.assets is not None
             tmp = final.with_name(f"{shape.key}.building")
             shutil.rmtree(tmp, ignore_errors=True)
@@ -246,7 +257,42 @@ class MicroVMProvider(Provider):
                 raise
             log.info("microvm: snapshot %s made (cold boot %.2f s, total %.2f s)", shape.key, booted,
                      time.monotonic() - t0)
-            return final
+            return final, True
+
+    @contextlib.contextmanager
+    def _holding(self, *names: str) -> Iterator[None]:
+        """Keep these disks/snapshots out of _trim until the create using them has its meta."""
+        self._busy.update(names)
+        try:
+            yield
+        finally:
+            self._busy.subtract(names)
+            self._busy += Counter()  # drop the zeros
+
+    def _in_use(self) -> set[str]:
+        keep = {name for name, n in self._busy.items() if n > 0}
+        for d in self.boxes_dir.iterdir() if self.boxes_dir.is_dir() else []:
+            meta = self._meta(d.name)
+            keep.update(str(meta[k]) for k in ("shape", "disk") if k in meta)
+            if "shape" in meta and "disk" not in meta:
+                # Made before metas named their disk: which one it reads is unknown, keep all.
+                keep.update(e.name for e in cache.scan(self.root) if e.disk is None)
+        return keep
+
+    async def _trim(self) -> None:
+        """Remove unused disks and snapshots, least recently used first, beyond microvm.cache_max_mb.
+
+        Decided and moved to the trash on the event loop, where creates register what they
+        hold: no create can start using an entry between the check and its removal (it then
+        finds it missing and builds it again). Only the deletion runs in a thread.
+        """
+        gone = cache.victims(cache.scan(self.root), self._in_use(), self.cfg.cache_max_mb << 20)
+        trash = [cache.discard(e, self.root / cache.TRASH) for e in gone]
+        for e in gone:
+            log.info("microvm: cache trimmed: %s %s (%d MiB, unused since %s)",
+                     "disk" if cache.DISK_NAME.match(e.name) else "snapshot", e.name, e.size >> 20,
+                     datetime.fromtimestamp(e.used, UTC).isoformat(timespec="seconds"))
+        await asyncio.to_thread(cache.purge, trash)
 
     # lifecycle --------------------------------------------------------------------------
     def _files(self, sandbox_id: str) -> vm.VMFiles:
@@ -271,15 +317,18 @@ class MicroVMProvider(Provider):
             raise Unavailable("the microvm provider is not started")
         image = await self.images.ensure(spec.image)
         # disk_mb is the free space on the sandbox's root filesystem (part of the shape).
-        base = await self._image_disk(image, spec.disk_mb or self.cfg.disk_free_mb)
+        free_mb = spec.disk_mb or self.cfg.disk_free_mb
         bridge = spec.network == "bridge"
-        shape = vm.Shape(base.name, guest_mem_mb(spec.memory_mb, self.cfg.guest_overhead_mb), spec.vcpus, bridge,
-                         self.accel, self.assets.assets_id, self.kernel_args)
-        snap = await self._snapshot(shape, base) if self.cfg.snapshots else None
-        files = self._files(sid)
-        files.dir.mkdir(parents=True)
-        meta: dict[str, Any] = {"labels": spec.labels, "network": spec.network, "shape": shape.key}
-        self._write_meta(sid, meta)
+        shape = vm.Shape(self._disk_path(image, free_mb).name, guest_mem_mb(spec.memory_mb, self.cfg.guest_overhead_mb),
+                         spec.vcpus, bridge, self.accel, self.assets.assets_id, self.kernel_args)
+        with self._holding(shape.disk, shape.key):
+            base, made_disk = await self._image_disk(image, free_mb)
+            snap, made_snap = await self._snapshot(shape, base) if self.cfg.snapshots else (None, False)
+            files = self._files(sid)
+            files.dir.mkdir(parents=True)
+            meta: dict[str, Any] = {"labels": spec.labels, "network": spec.network, "shape": shape.key,
+                                    "disk": shape.disk}
+            self._write_meta(sid, meta)
         try:
             if snap is not None:
                 await asyncio.to_thread(disk.make_overlay, snap / "disk.qcow2", files.disk, "qcow2")
@@ -305,6 +354,8 @@ class MicroVMProvider(Provider):
         except BaseException:
             await self._teardown(sid)
             raise
+        if made_disk or made_snap:
+            await self._trim()  # the cache grew
         return SandboxHandle(sid, self.name, {"dir": str(files.dir)})
 
     async def _network_up(self, sid: str, meta: dict[str, Any]) -> str:
