@@ -1,4 +1,4 @@
-"""Terminal execs of the docker provider (runc): `Tty: true` execs, sized with the exec
+"""Terminal execs of the docker provider (runc, crun, runsc): `Tty: true` execs, sized with the exec
 resize endpoint, Ctrl-C through the pty's line discipline, signal() to the exec's process.
 The same checks as the native provider's (test_native_tty.TtyChecks), plus a shell session."""
 
@@ -34,8 +34,8 @@ def image_ref(docker_daemon: None) -> str:
     return DOCKER_BUSYBOX
 
 
-class TestDockerTtyRunc(TtyChecks):
-    runtime = "runc"
+class DockerTtyChecks(TtyChecks):
+    """TtyChecks plus what a Docker terminal session needs; each subclass names its runtime."""
 
     async def test_shell_session_ctrl_c_and_exit(self, provider: Provider, sandbox: SandboxHandle) -> None:
         t0 = time.perf_counter()
@@ -55,7 +55,7 @@ class TestDockerTtyRunc(TtyChecks):
         status = await asyncio.wait_for(proc.wait(), 10)
         await asyncio.wait_for(r.task, 10)
         assert (status.exit_code, status.signal) == (42, None)
-        print(f"\ndocker+runc tty: session {1000 * (time.perf_counter() - t0):.0f} ms, "
+        print(f"\ndocker+{self.runtime} tty: session {1000 * (time.perf_counter() - t0):.0f} ms, "
               f"Ctrl-C to prompt {1000 * interrupted:.0f} ms")
 
     async def test_close_stdin_types_eof(self, provider: Provider, sandbox: SandboxHandle) -> None:
@@ -79,17 +79,28 @@ class TestDockerTtyRunc(TtyChecks):
 
 
 class TestDockerTtyRefusedOtherRuntimes:
-    """Terminal execs are runc-only for now (crun: no controlling terminal; runsc: untested)."""
+    """Terminal execs need a runtime they are tested with (kata is not installed here)."""
 
     runtime = "runc"
 
-    async def test_refused_for_crun(self, provider: Provider, sandbox: SandboxHandle) -> None:
+    async def test_refused_for_kata(self, provider: Provider, sandbox: SandboxHandle) -> None:
         from stacyvm_server.providers.docker import DockerProvider
 
         assert isinstance(provider, DockerProvider)
-        # The runtime is the sandbox's (its handle's), not the server's: a crun sandbox's handle.
-        as_crun = SandboxHandle(sandbox.sandbox_id, sandbox.provider, {**sandbox.data, "runtime": "crun"})
-        with pytest.raises(BadRequest, match="runc"):
-            await provider.exec(as_crun, ExecSpec(["/bin/sh"], stdin=True, tty=True))
+        # The runtime is the sandbox's (its handle's), not the server's: a kata sandbox's handle.
+        as_kata = SandboxHandle(sandbox.sandbox_id, sandbox.provider, {**sandbox.data, "runtime": "kata-runtime"})
+        with pytest.raises(BadRequest, match="runc, crun or runsc"):
+            await provider.exec(as_kata, ExecSpec(["/bin/sh"], stdin=True, tty=True))
 
 
+class TestDockerTtyRunc(DockerTtyChecks):
+    runtime = "runc"
+
+
+class TestDockerTtyRunsc(DockerTtyChecks):
+    runtime = "runsc"
+    pts_name = False  # gVisor's terminal has no /dev/pts name (as with native runsc)
+
+
+class TestDockerTtyCrun(DockerTtyChecks):
+    runtime = "crun"

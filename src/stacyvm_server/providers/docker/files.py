@@ -276,3 +276,18 @@ while [ $i -lt 100 ]; do
 done
 exit 1
 """
+
+# runsc: signal() of an exec's main process from inside the sandbox. It is the one
+# process carrying the exec's token whose pid is its session id (gVisor makes each exec
+# a session leader, as runc does); $1 = token, $2 = signal number.
+INNER_SIGNAL_SCRIPT = r"""tok="STACYVM_EXEC=$1"
+sig=$2
+for f in /proc/[0-9]*/environ; do
+  /.stacyvm/busybox grep -qxzF "$tok" "$f" 2>/dev/null || continue
+  read -r l < "${f%environ}stat" 2>/dev/null || continue
+  p=${f#/proc/}; p=${p%/environ}
+  set -- ${l##*) }
+  [ "$1" != Z ] && [ "$4" = "$p" ] && kill -"$sig" "$p" 2>/dev/null
+done
+exit 0
+"""

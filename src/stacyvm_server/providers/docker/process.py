@@ -1,12 +1,17 @@
 """One `docker exec`: demultiplexed output, stdin, exit status, and a kill that takes the tree.
 
-Docker (runc, crun) starts every exec'd process as a session leader (runc's
-init calls setsid), and everything it starts stays in that session unless it
-calls setsid itself. `exec inspect` reports the leader's host pid, which is
-also the session id the host sees. kill() SIGKILLs, from the host, every
-process of that session that is in the container's cgroup, until none is left:
-orphans re-parented to the container's init are still found, and nothing
-outside the container can be hit.
+runc starts every exec'd process as a session leader (its init calls setsid), and
+everything it starts stays in that session unless it calls setsid itself. `exec
+inspect` reports the leader's host pid, which is also the session id the host
+sees. kill() SIGKILLs, from the host, every process of that session that is in
+the container's cgroup, until none is left: orphans re-parented to the
+container's init are still found, and nothing outside the container can be hit.
+
+crun leaves an exec's processes in the shim's session (outside the container),
+shared by every exec: there the exec is marked with an environment variable
+(EXEC_MARKER) and kill() takes the marked processes and their descendants
+(kill_marked), again only inside the container's cgroup. Under runsc the host
+sees none of them: the provider kills from inside (files.INNER_KILL_SCRIPT).
 """
 
 from __future__ import annotations
@@ -23,14 +28,17 @@ from stacyvm_server.providers.docker.client import STDERR, DockerAPIError, Docke
 from stacyvm_server.util.proc import kill_until_gone
 
 _EOT = b"\x04"  # VEOF in the default line discipline
+EXEC_MARKER = "STACYVM_EXEC"  # env var marking an exec's processes where sessions cannot (crun, runsc)
 ExitReason = Callable[[int], Awaitable[str | None]]
 InnerKill = Callable[[], Awaitable[None]]
+InnerSignal = Callable[[int], Awaitable[None]]
 
 
 class DockerExecProcess(ExecProcess):
     def __init__(self, client: DockerClient, exec_id: str, stream: ExecStream, container_id: str,
                  exit_reason: ExitReason, has_stdin: bool, inner_kill: InnerKill | None = None,
-                 watch_exit: bool = False, tty: bool = False) -> None:
+                 inner_signal: InnerSignal | None = None, watch_exit: bool = False, tty: bool = False,
+                 marker: str | None = None) -> None:
         self.client = client
         self.exec_id = exec_id
         self.stream = stream
@@ -38,6 +46,8 @@ class DockerExecProcess(ExecProcess):
         self._exit_reason = exit_reason
         self._has_stdin = has_stdin
         self._inner_kill = inner_kill  # runsc: kill from inside the sandbox (files.INNER_KILL_SCRIPT)
+        self._inner_signal = inner_signal  # runsc: signal() likewise (files.INNER_SIGNAL_SCRIPT)
+        self._marker = marker  # crun: the exec's EXEC_MARKER value (kill_marked)
         self._status: ExitStatus | None = None
         self._killed = False
         self._output_done = asyncio.Event()
@@ -112,18 +122,29 @@ class DockerExecProcess(ExecProcess):
         if self._inner_kill is not None:
             await self._inner_kill()
             return
+        if self._marker is not None:
+            await asyncio.to_thread(kill_marked, self._marker, self.container_id)
+            return
         info = await self._inspect()
         pid = int(info.get("Pid") or 0)  # type: ignore[call-overload]
         if pid > 1 and info.get("Running"):
             await asyncio.to_thread(kill_session, pid, self.container_id)
 
     async def signal(self, sig: int) -> None:
-        if self._status is not None or self._inner_kill is not None:
+        if self._status is not None:
+            return
+        if self._inner_signal is not None:
+            await self._inner_signal(sig)  # the host cannot see gVisor's processes
             return
         info = await self._inspect()
         pid = int(info.get("Pid") or 0)  # type: ignore[call-overload]
-        if pid > 1 and info.get("Running") and pid in await asyncio.to_thread(session_members, pid,
-                                                                               self.container_id):
+        if pid <= 1 or not info.get("Running"):
+            return
+        if self._marker is not None:
+            ours = await asyncio.to_thread(marked_members, self._marker, self.container_id)
+        else:
+            ours = await asyncio.to_thread(session_members, pid, self.container_id)
+        if pid in ours:  # still that exec's process, not a reused pid
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
 
@@ -198,6 +219,44 @@ def session_members(sid: int, container_id: str) -> list[int]:
 def kill_session(sid: int, container_id: str, timeout: float = 5.0) -> None:
     """SIGKILL the session's processes until none is left (forks racing the kill included)."""
     kill_until_gone(lambda: session_members(sid, container_id), timeout)
+
+
+def marked_members(marker: str, container_id: str) -> list[int]:
+    """Host pids in the container's cgroup that belong to the exec marked `marker`: those
+    whose environment carries it, and every descendant of one (a child that replaced its
+    environment is still found while its marked parent lives)."""
+    tag = f"{EXEC_MARKER}={marker}".encode()
+    parents: dict[int, int] = {}
+    marked: set[int] = set()
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        pid = int(name)
+        try:
+            if container_id not in Path(f"/proc/{pid}/cgroup").read_text():
+                continue
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            fields = stat[stat.rindex(")") + 2 :].split()
+            if fields[0] in ("Z", "X"):
+                continue
+            parents[pid] = int(fields[1])
+            if tag in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                marked.add(pid)
+        except (OSError, ValueError, IndexError):
+            continue
+    grew = True
+    while grew:
+        grew = False
+        for pid, ppid in parents.items():
+            if pid not in marked and ppid in marked:
+                marked.add(pid)
+                grew = True
+    return sorted(marked)
+
+
+def kill_marked(marker: str, container_id: str, timeout: float = 5.0) -> None:
+    """SIGKILL the marked exec's processes until none is left (forks racing the kill included)."""
+    kill_until_gone(lambda: marked_members(marker, container_id), timeout)
 
 
 class FailedExec(ExecProcess):

@@ -51,7 +51,7 @@ from stacyvm_server.providers.base import (
 )
 from stacyvm_server.providers.docker import files, network
 from stacyvm_server.providers.docker.client import DockerAPIError, DockerClient, demux_frames
-from stacyvm_server.providers.docker.process import DockerExecProcess, FailedExec, resize_exec
+from stacyvm_server.providers.docker.process import EXEC_MARKER, DockerExecProcess, FailedExec, resize_exec
 from stacyvm_server.providers.native.network import connect_in_netns
 
 log = logging.getLogger(__name__)
@@ -125,10 +125,9 @@ class DockerProvider(Provider):
             log.warning("docker: allowed_runtimes %s are not registered in dockerd (has %s): spawns asking for "
                         "them are refused", ", ".join(missing), ", ".join(sorted(runtimes)))
             self.runtimes = tuple(r for r in self.runtimes if r in runtimes)
-        for rt in self.runtimes:
-            if rt in ("crun", "kata-runtime"):
-                log.warning("docker: runtime %s is not fully supported: kill() of an exec's process tree does "
-                            "not work under it yet (docs/docker-provider.md)", rt)
+        if "kata-runtime" in self.runtimes:
+            log.warning("docker: runtime kata-runtime is untested: kill() of an exec's process tree and "
+                        "terminals do not work under it (docs/docker-provider.md)")
         self.bridge = await network.ensure_network(self.client, self.cfg)
         await network.ensure_firewall(self.bridge)
 
@@ -407,26 +406,35 @@ class DockerProvider(Provider):
         if not spec.argv:
             raise BadRequest("argv must not be empty")
         runtime = self._runtime(handle)
-        if spec.tty and runtime != "runc":
-            # Only runc is tested: crun does not make an exec a session leader (no controlling
-            # terminal, so no Ctrl-C), runsc and kata are untested here (docs/docker-provider.md).
-            raise BadRequest(f"terminal execs through docker need the runc runtime (this sandbox runs "
+        if spec.tty and runtime not in ("runc", "crun", "runsc"):
+            # Tested with runc, crun and runsc; kata is not installed here (docs/docker-provider.md).
+            raise BadRequest(f"terminal execs through docker need runc, crun or runsc (this sandbox runs "
                              f"{runtime})")
         cid = await self._container_id(handle)
-        inner_kill = None
-        if runtime == "runsc":
-            # Under gVisor the host cannot see the exec's processes: mark them so an
-            # in-sandbox kill can find their session (files.INNER_KILL_SCRIPT).
+        token = None
+        inner_kill = inner_signal = None
+        if runtime in ("crun", "runsc"):
+            # Neither gives the host the exec's session (crun leaves its processes in the
+            # shim's session, gVisor keeps them inside the Sentry): mark them, so kill and
+            # signal can find them (process.kill_marked, files.INNER_KILL_SCRIPT).
             self._exec_seq += 1
             token = f"{os.getpid()}-{self._exec_seq}"
-            spec = dataclasses.replace(spec, env={**spec.env, "STACYVM_EXEC": token})
+            spec = dataclasses.replace(spec, env={**spec.env, EXEC_MARKER: token})
+        if runtime == "runsc":
+            assert token is not None
+            marker = token
 
             async def inner_kill() -> None:
                 if not (await self.state(handle)).alive:
                     return  # the sandbox ended, and its processes with it
-                rc, _, err = await self._helper(handle, files.INNER_KILL_SCRIPT, token)
+                rc, _, err = await self._helper(handle, files.INNER_KILL_SCRIPT, marker)
                 if rc != 0:
                     raise ProviderError(f"kill inside the sandbox failed ({rc}): {err[-300:]!r}")
+
+            async def inner_signal(sig: int) -> None:
+                rc, _, err = await self._helper(handle, files.INNER_SIGNAL_SCRIPT, marker, str(sig))
+                if rc != 0:
+                    raise ProviderError(f"signal inside the sandbox failed ({rc}): {err[-300:]!r}")
 
         exec_id = await self._exec_create(cid, spec)
         if exec_id is None:
@@ -459,7 +467,8 @@ class DockerProvider(Provider):
             return None
 
         return DockerExecProcess(self.client, exec_id, stream, cid, exit_reason, spec.stdin, inner_kill,
-                                 watch_exit=runtime == "runsc", tty=spec.tty)
+                                 inner_signal, watch_exit=runtime == "runsc", tty=spec.tty,
+                                 marker=token if runtime == "crun" else None)
 
     async def _memory_cgroup(self, handle: SandboxHandle, cid: str) -> Path | None:
         """The container's memory cgroup dir on this host (None if unknown), for OOM accounting."""
