@@ -17,6 +17,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from stacyvm_server.providers.microvm.disk import tree_size
+
 # Image disks are named <digest prefix>-<free MiB>m.ext4 (provider._disk_path); the KVM
 # probe's small empty disk is not an image disk and stays.
 DISK_NAME = re.compile(r"^[0-9a-f]{32}-\d+m\.ext4$")
@@ -33,16 +35,7 @@ class Entry:
 
 
 def allocated(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_blocks * 512
-    total = 0
-    for dirpath, _dirs, files in os.walk(path):
-        for name in files:
-            try:
-                total += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
-            except OSError:
-                pass
-    return total
+    return path.stat().st_blocks * 512 if path.is_file() else tree_size(path)
 
 
 def scan(root: Path) -> list[Entry]:
