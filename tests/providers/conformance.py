@@ -399,7 +399,11 @@ class ProviderConformance:
                                                       "exec httpd -f -p 8080 -h /www")))
         b_ip = (await run(provider, b, ["ip", "-4", "-o", "addr", "show", "eth0"])).out.split()[3]
         b_ip = b_ip.split(b"/")[0].decode()
-        local = await fetch(provider, b, "127.0.0.1", 8080, "/i")
+        for _ in range(50):  # httpd starts in the background: wait until it answers inside b
+            local = await fetch(provider, b, "127.0.0.1", 8080, "/i")
+            if local.out.endswith(b"from-b\n"):
+                break
+            await asyncio.sleep(0.1)
         assert local.out.endswith(b"from-b\n"), local  # the server works...
         r = await fetch(provider, a, b_ip, 8080, "/i")
         assert r.rc != 0 and b"from-b" not in r.out  # ...but a cannot reach it
