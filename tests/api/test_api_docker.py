@@ -9,6 +9,7 @@ import shutil
 import signal
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -18,6 +19,7 @@ from stacyvm_server.config import DockerConfig, ServerConfig, Settings
 from stacyvm_server.ids import new_sandbox_id
 from stacyvm_server.providers.base import SandboxSpec
 from stacyvm_server.providers.docker import DockerProvider
+from stacyvm_server.providers.docker.provider import disk_quota_support
 from tests.conftest import ServerProc, destroy_all, start_server, stop_server
 from tests.providers import docker_fixtures
 from tests.providers.docker_fixtures import DOCKER_BUSYBOX, docker_api, labelled_containers
@@ -114,6 +116,35 @@ def test_sigkill_and_restart_adopts_and_leaves_nothing(docker_daemon: None, test
             server.proc.kill()
             server.proc.wait(10)
         shutil.rmtree(server.data_dir, ignore_errors=True)
+
+
+def test_disk_mb_refused_where_docker_cannot_cap_it(docker_server: ServerProc) -> None:
+    """A disk cap the storage driver cannot enforce is a 400 before anything is made, never a
+    silently unlimited sandbox (this host: overlay2 on ext4)."""
+    why = disk_quota_support(docker_api("GET", "/info").json())
+    if not why:
+        pytest.skip("this dockerd can cap a container's writable layer, so disk_mb is enforced, not refused")
+    with httpx.Client(base_url=docker_server.base_url + "/api/v1", timeout=60) as api:
+        before = api.get("/sandboxes").json()
+        r = api.post("/sandboxes", json={"provider": "docker", "image": DOCKER_BUSYBOX, "disk_mb": 64})
+        assert r.status_code == 400, r.text
+        assert r.json()["code"] == "bad_request", r.text
+        assert r.json()["message"].startswith(f"disk_mb cannot be enforced by this docker host: {why}"), r.text
+        assert api.get("/sandboxes").json() == before  # nothing stored
+        r = api.post("/sandboxes", json={"provider": "native", "disk_mb": 64})  # native caps it
+        assert r.status_code == 201, r.text
+        assert api.delete(f"/sandboxes/{r.json()['id']}").status_code == 200
+
+
+def test_disk_quota_support_follows_the_storage_driver() -> None:
+    def info(driver: str, backing: str = "") -> dict[str, Any]:
+        return {"Driver": driver, "DriverStatus": [["Backing Filesystem", backing]] if backing else []}
+
+    assert disk_quota_support(info("overlay2", "xfs")) == ""  # dockerd itself checks pquota at create
+    assert disk_quota_support(info("btrfs")) == "" and disk_quota_support(info("zfs")) == ""
+    assert disk_quota_support(info("overlay2", "extfs")) == \
+        "storage driver overlay2 on extfs (size limits need xfs with pquota)"
+    assert "no per-container size limit" in disk_quota_support(info("vfs"))
 
 
 def test_spawn_runtime_field(docker_daemon: None, test_images: dict[str, str],

@@ -206,6 +206,7 @@ class SandboxService:
             raise BadRequest("disk_mb must be positive")
         if disk > d.max_disk_mb:
             raise BadRequest(f"disk_mb {disk} exceeds the maximum of {d.max_disk_mb}")
+        self.provider(provider).check_disk(disk or None, req.runtime)
         network = req.network or d.network
         if network not in d.allowed_networks:
             raise BadRequest(f"network {network!r} is not allowed here (allowed: {', '.join(d.allowed_networks)})")

@@ -176,6 +176,12 @@ class Provider(abc.ABC):
             raise BadRequest(f"runtime: the {self.name} provider has no per-spawn runtime choice "
                              f"(leave runtime out)")
 
+    def check_disk(self, disk_mb: int | None, runtime: str | None) -> None:
+        """Raise BadRequest when this provider cannot enforce a `disk_mb` cap for such a spawn.
+
+        Called by core before anything is stored. Native and microvm enforce it always."""
+        return None
+
     # lifecycle -------------------------------------------------------------
     @abc.abstractmethod
     async def create(self, spec: SandboxSpec) -> SandboxHandle:

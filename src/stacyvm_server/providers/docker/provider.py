@@ -69,6 +69,20 @@ RUNSC_PIDS_BASE = 64
 RUNSC_PIDS_PER_PROCESS = 16  # writable in a read-only root (anonymous volumes)
 
 
+def disk_quota_support(info: dict[str, Any]) -> str:
+    """Why this dockerd cannot cap a container's writable layer (`StorageOpt size`), from
+    `GET /info`; "" when its storage driver can (Docker's docs: btrfs, zfs, devicemapper,
+    and overlay2 only on xfs mounted with pquota, which dockerd checks at create)."""
+    driver = str(info.get("Driver") or "")
+    status = {str(k): str(v) for k, v in info.get("DriverStatus") or [] if isinstance(k, str)}
+    if driver in ("btrfs", "zfs", "devicemapper"):
+        return ""
+    if driver == "overlay2":
+        backing = status.get("Backing Filesystem", "unknown")
+        return "" if backing == "xfs" else f"storage driver overlay2 on {backing} (size limits need xfs with pquota)"
+    return f"storage driver {driver or 'unknown'} has no per-container size limit"
+
+
 def container_name(sandbox_id: str) -> str:
     return f"stacyvm-{sandbox_id}"
 
@@ -108,6 +122,8 @@ class DockerProvider(Provider):
         # Runtimes a spawn may ask for: docker.runtime plus docker.allowed_runtimes that
         # dockerd has registered (start() drops the others, with a warning).
         self.runtimes: tuple[str, ...] = tuple(dict.fromkeys([self.cfg.runtime, *self.cfg.allowed_runtimes]))
+        # Why dockerd cannot cap a container's writable layer ("" when its storage driver can).
+        self.disk_quota = "not probed yet (the provider has not started)"
 
     # provider-wide ---------------------------------------------------------------
     async def start(self) -> None:
@@ -116,6 +132,7 @@ class DockerProvider(Provider):
         except ProviderError as exc:
             raise ProviderError(f"docker provider: {exc}. Start dockerd (scripts/setup-docker.sh).") from exc
         info = await self.client.request("GET", "/info")
+        self.disk_quota = disk_quota_support(info or {})
         runtimes = set((info or {}).get("Runtimes") or {})
         if self.cfg.runtime not in runtimes:
             raise ProviderError(f"docker provider: runtime {self.cfg.runtime!r} is not registered in dockerd "
@@ -161,6 +178,16 @@ class DockerProvider(Provider):
                              f"in dockerd (allowed here: {allowed})")
         raise BadRequest(f"runtime {runtime!r} is not allowed here (allowed: {allowed}; an operator adds "
                          f"runtimes with docker.allowed_runtimes)")
+
+    def check_disk(self, disk_mb: int | None, runtime: str | None) -> None:
+        if disk_mb is None:
+            return
+        if self.disk_quota:
+            raise BadRequest(f"disk_mb cannot be enforced by this docker host: {self.disk_quota} (use the "
+                             f"native or microvm provider for a disk cap, or leave disk_mb out)")
+        if self.cfg.readonly_rootfs or (runtime or self.cfg.runtime) == "runsc":
+            raise BadRequest("disk_mb cannot be enforced here: the sandbox's writable volumes (read-only root, "
+                             "or runsc's /tmp) are outside Docker's per-container size limit")
 
     def _runtime(self, handle: SandboxHandle) -> str:
         """The sandbox's OCI runtime (handles made before per-spawn runtimes: docker.runtime)."""
@@ -248,6 +275,8 @@ class DockerProvider(Provider):
             "LogConfig": {"Type": "json-file", "Config": {"max-size": "10m", "max-file": "1"}},
             "RestartPolicy": {"Name": "no"},
         }
+        if spec.disk_mb:
+            host["StorageOpt"] = {"size": f"{spec.disk_mb}m"}  # admitted by check_disk
         body: dict[str, Any] = {
             "Image": image,
             "Entrypoint": MAIN_CMD[:1],
@@ -317,6 +346,8 @@ class DockerProvider(Provider):
                 if pull and "no such image" in exc.docker_message.lower():
                     return None
                 raise ImageNotFound(f"image {spec.image}: {exc.docker_message}") from None
+            if "storage-opt" in exc.docker_message.lower():  # e.g. overlay2 on xfs without pquota
+                raise BadRequest(f"disk_mb cannot be enforced by this docker host: {exc.docker_message}") from None
             raise
         return created
 
