@@ -51,7 +51,14 @@ from stacyvm_server.providers.base import (
 )
 from stacyvm_server.providers.docker import files, network
 from stacyvm_server.providers.docker.client import DockerAPIError, DockerClient, demux_frames
-from stacyvm_server.providers.docker.process import EXEC_MARKER, DockerExecProcess, FailedExec, resize_exec
+from stacyvm_server.providers.docker.process import (
+    EXEC_MARKER,
+    DockerExecProcess,
+    FailedExec,
+    InnerKill,
+    InnerSignal,
+    resize_exec,
+)
 from stacyvm_server.providers.native.network import connect_in_netns
 
 log = logging.getLogger(__name__)
@@ -442,30 +449,17 @@ class DockerProvider(Provider):
             raise BadRequest(f"terminal execs through docker need runc, crun or runsc (this sandbox runs "
                              f"{runtime})")
         cid = await self._container_id(handle)
-        token = None
+        marker = None
         inner_kill = inner_signal = None
         if runtime in ("crun", "runsc"):
             # Neither gives the host the exec's session (crun leaves its processes in the
             # shim's session, gVisor keeps them inside the Sentry): mark them, so kill and
             # signal can find them (process.kill_marked, files.INNER_KILL_SCRIPT).
             self._exec_seq += 1
-            token = f"{os.getpid()}-{self._exec_seq}"
-            spec = dataclasses.replace(spec, env={**spec.env, EXEC_MARKER: token})
-        if runtime == "runsc":
-            assert token is not None
-            marker = token
-
-            async def inner_kill() -> None:
-                if not (await self.state(handle)).alive:
-                    return  # the sandbox ended, and its processes with it
-                rc, _, err = await self._helper(handle, files.INNER_KILL_SCRIPT, marker)
-                if rc != 0:
-                    raise ProviderError(f"kill inside the sandbox failed ({rc}): {err[-300:]!r}")
-
-            async def inner_signal(sig: int) -> None:
-                rc, _, err = await self._helper(handle, files.INNER_SIGNAL_SCRIPT, marker, str(sig))
-                if rc != 0:
-                    raise ProviderError(f"signal inside the sandbox failed ({rc}): {err[-300:]!r}")
+            marker = f"{os.getpid()}-{self._exec_seq}"
+            spec = dataclasses.replace(spec, env={**spec.env, EXEC_MARKER: marker})
+            if runtime == "runsc":
+                inner_kill, inner_signal = self._inner_controls(handle, marker)
 
         exec_id = await self._exec_create(cid, spec)
         if exec_id is None:
@@ -499,7 +493,24 @@ class DockerProvider(Provider):
 
         return DockerExecProcess(self.client, exec_id, stream, cid, exit_reason, spec.stdin, inner_kill,
                                  inner_signal, watch_exit=runtime == "runsc", tty=spec.tty,
-                                 marker=token if runtime == "crun" else None)
+                                 marker=marker if runtime == "crun" else None)
+
+    def _inner_controls(self, handle: SandboxHandle, marker: str) -> tuple[InnerKill, InnerSignal]:
+        """runsc: kill() and signal() of the exec marked `marker`, run inside the sandbox."""
+
+        async def kill() -> None:
+            if not (await self.state(handle)).alive:
+                return  # the sandbox ended, and its processes with it
+            rc, _, err = await self._helper(handle, files.INNER_KILL_SCRIPT, marker)
+            if rc != 0:
+                raise ProviderError(f"kill inside the sandbox failed ({rc}): {err[-300:]!r}")
+
+        async def signal(sig: int) -> None:
+            rc, _, err = await self._helper(handle, files.INNER_SIGNAL_SCRIPT, marker, str(sig))
+            if rc != 0:
+                raise ProviderError(f"signal inside the sandbox failed ({rc}): {err[-300:]!r}")
+
+        return kill, signal
 
     async def _memory_cgroup(self, handle: SandboxHandle, cid: str) -> Path | None:
         """The container's memory cgroup dir on this host (None if unknown), for OOM accounting."""
