@@ -47,7 +47,8 @@ PYTHON = "127.0.0.1:5000/stacyvm/debian-python:3.11"
 OCI_CACHE = Path("/var/cache/stacyvm/oci")
 # Provider label -> (provider, its OCI runtime; for microvm its accelerator, see --microvm-accel).
 PROVIDERS = {"native": ("native", "crun"), "native-runsc": ("native", "runsc"),
-             "docker": ("docker", "runc"), "docker-runsc": ("docker", "runsc"), "microvm": ("microvm", "tcg")}
+             "docker": ("docker", "runc"), "docker-crun": ("docker", "crun"), "docker-runsc": ("docker", "runsc"),
+             "microvm": ("microvm", "tcg")}
 MICROVM_TEMPLATE = Path(__file__).with_name("microvm_template.md")
 MICROVM_CGROUPS = Path("/sys/fs/cgroup/memory/stacyvm-microvm")
 # What the raw QEMU side measures, in place of the crun descriptions.
@@ -108,8 +109,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="fewer samples: under a minute, for use before a commit")
     p.add_argument("--providers", default="native",
                    help="comma-separated: native (crun), native-runsc (gVisor, ptrace), docker (runc), "
-                        "docker-runsc (Docker with gVisor), microvm (QEMU microvm, TCG; its own section of "
-                        "--out); --url takes one")
+                        "docker-crun, docker-runsc (Docker with gVisor), microvm (QEMU microvm, TCG; its own "
+                        "section of --out); --url takes one")
     p.add_argument("--url", help="a running server (default: start one in a temp dir)")
     p.add_argument("--api-key", help="API key for --url")
     p.add_argument("--data-dir", type=Path, help="data_dir of the --url server (to reuse its unpacked images)")
