@@ -426,7 +426,8 @@ class SandboxService:
             return (await proc.wait()).exit_code
 
         try:
-            exit_code = await asyncio.wait_for(collect(), timeout)
+            async with asyncio.timeout(timeout):  # no extra task per exec, unlike wait_for
+                exit_code = await collect()
         except TimeoutError:
             await proc.kill()
             elapsed = time.perf_counter() - start
