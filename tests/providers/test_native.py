@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import shutil
 import signal
 import statistics
 import time
@@ -186,6 +188,21 @@ async def _one(data: bytes):  # type: ignore[no-untyped-def]
 
 class TestNativeCrun(NativeChecks):
     runtime = "crun"
+
+    async def test_destroy_after_the_runtime_lost_the_sandbox_leaves_nothing(self, provider: Provider,
+                                                                            image_ref: str) -> None:
+        """crun makes the sandbox's cgroup in the cgroup2 mount of the hybrid layout too; when
+        its state is gone (a wiped state dir, a host crash) `crun delete` cannot remove it, and
+        destroy must, as it does the v1 ones."""
+        p = _native(provider)
+        h = await p.create(SandboxSpec(new_sandbox_id(), image_ref, 64, 1))
+        unified = cgroups.CGROUP_ROOT / "unified" / cgroups.PARENT / h.sandbox_id
+        assert unified.is_dir(), "crun no longer makes a cgroup2 dir: this test checks nothing"
+        shutil.rmtree(p.runtime.state_root / h.sandbox_id)
+        with contextlib.suppress(ProviderError):  # crun cannot delete what it no longer knows
+            await p.destroy(h)
+        assert await self.leaks(p, h.sandbox_id) == []
+        assert not unified.exists()
 
 
 async def _probe_runtime(p: NativeProvider) -> str:

@@ -92,8 +92,8 @@ def set_frozen(sandbox_id: str, frozen: bool, timeout: float = 2.0) -> bool:
 
 
 def remove(sandbox_id: str) -> None:
-    """Remove the sandbox's cgroup (and any children) in every v1 hierarchy. Idempotent."""
-    for controller in _controllers():
+    """Remove the sandbox's cgroup (and any children) in every hierarchy. Idempotent."""
+    for controller in _hierarchies():
         base = _dir(controller, sandbox_id)
         if not base.is_dir():
             continue
@@ -109,13 +109,20 @@ def remove_parent() -> None:
     Only when no create can run concurrently (provider shutdown): a create that made
     the parent a moment earlier would otherwise lose it under its feet.
     """
-    for hierarchy in [*_controllers(), "unified"]:  # crun also makes it in the cgroup2 mount
+    for hierarchy in _hierarchies():
         with contextlib.suppress(OSError):
             os.rmdir(CGROUP_ROOT / hierarchy / PARENT)
 
 
 def leftovers(sandbox_id: str) -> list[str]:
-    return [str(_dir(c, sandbox_id)) for c in _controllers() if _dir(c, sandbox_id).is_dir()]
+    return [str(_dir(c, sandbox_id)) for c in _hierarchies() if _dir(c, sandbox_id).is_dir()]
+
+
+def _hierarchies() -> list[str]:
+    """Where a sandbox's cgroup can exist: every v1 controller, and the cgroup2 mount of the
+    hybrid layout, where crun makes one too (the runtime's delete removes it; after a lost
+    runtime state only we can)."""
+    return [*_controllers(), "unified"]
 
 
 def _controllers() -> list[str]:
