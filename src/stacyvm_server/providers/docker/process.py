@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 from stacyvm_server.errors import ProviderError
@@ -192,28 +192,26 @@ async def resize_exec(client: DockerClient, exec_id: str, rows: int, cols: int, 
             await asyncio.sleep(0.01 * (attempt + 1))
 
 
-def _session_and_cgroup(pid: int) -> tuple[int, str]:
-    """(session id, cgroup file); session -1 for zombies (dead, waiting to be reaped)."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat[stat.rindex(")") + 2 :].split()
-    if fields[0] in ("Z", "X"):
-        return -1, ""
-    return int(fields[3]), Path(f"/proc/{pid}/cgroup").read_text()
-
-
-def session_members(sid: int, container_id: str) -> list[int]:
-    """Host pids in session `sid` that belong to the container's cgroup."""
-    out = []
+def _container_procs(container_id: str) -> Iterator[tuple[int, list[str]]]:
+    """(pid, the fields of /proc/<pid>/stat after the command) of every live process in the
+    container's cgroup; zombies (dead, waiting to be reaped) are left out."""
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
         try:
-            session, cgroup = _session_and_cgroup(int(name))
-        except (OSError, ValueError, IndexError):
+            if container_id not in Path(f"/proc/{name}/cgroup").read_text():
+                continue
+            stat = Path(f"/proc/{name}/stat").read_text()
+            fields = stat[stat.rindex(")") + 2 :].split()
+        except (OSError, ValueError):
             continue
-        if session == sid and container_id in cgroup:
-            out.append(int(name))
-    return out
+        if fields and fields[0] not in ("Z", "X"):
+            yield int(name), fields
+
+
+def session_members(sid: int, container_id: str) -> list[int]:
+    """Host pids in session `sid` that belong to the container's cgroup."""
+    return [pid for pid, fields in _container_procs(container_id) if fields[3] == str(sid)]
 
 
 def kill_session(sid: int, container_id: str, timeout: float = 5.0) -> None:
@@ -228,22 +226,11 @@ def marked_members(marker: str, container_id: str) -> list[int]:
     tag = f"{EXEC_MARKER}={marker}".encode()
     parents: dict[int, int] = {}
     marked: set[int] = set()
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        pid = int(name)
-        try:
-            if container_id not in Path(f"/proc/{pid}/cgroup").read_text():
-                continue
-            stat = Path(f"/proc/{pid}/stat").read_text()
-            fields = stat[stat.rindex(")") + 2 :].split()
-            if fields[0] in ("Z", "X"):
-                continue
-            parents[pid] = int(fields[1])
+    for pid, fields in _container_procs(container_id):
+        parents[pid] = int(fields[1])
+        with contextlib.suppress(OSError):
             if tag in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
                 marked.add(pid)
-        except (OSError, ValueError, IndexError):
-            continue
     grew = True
     while grew:
         grew = False
