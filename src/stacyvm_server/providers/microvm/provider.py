@@ -269,14 +269,16 @@ class MicroVMProvider(Provider):
             self._busy.subtract(names)
             self._busy += Counter()  # drop the zeros
 
-    def _in_use(self) -> set[str]:
+    def _in_use(self, entries: list[cache.Entry]) -> set[str]:
         keep = {name for name, n in self._busy.items() if n > 0}
+        unknown_disk = False
         for d in self.boxes_dir.iterdir() if self.boxes_dir.is_dir() else []:
             meta = self._meta(d.name)
             keep.update(str(meta[k]) for k in ("shape", "disk") if k in meta)
-            if "shape" in meta and "disk" not in meta:
-                # Made before metas named their disk: which one it reads is unknown, keep all.
-                keep.update(e.name for e in cache.scan(self.root) if e.disk is None)
+            # Made before metas named their disk: which one it reads is unknown, keep all.
+            unknown_disk |= "shape" in meta and "disk" not in meta
+        if unknown_disk:
+            keep.update(e.name for e in entries if e.disk is None)
         return keep
 
     async def _trim(self) -> None:
@@ -286,7 +288,8 @@ class MicroVMProvider(Provider):
         hold: no create can start using an entry between the check and its removal (it then
         finds it missing and builds it again). Only the deletion runs in a thread.
         """
-        gone = cache.victims(cache.scan(self.root), self._in_use(), self.cfg.cache_max_mb << 20)
+        entries = cache.scan(self.root)
+        gone = cache.victims(entries, self._in_use(entries), self.cfg.cache_max_mb << 20)
         trash = [cache.discard(e, self.root / cache.TRASH) for e in gone]
         for e in gone:
             log.info("microvm: cache trimmed: %s %s (%d MiB, unused since %s)",
