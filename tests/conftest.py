@@ -154,6 +154,21 @@ def destroy_all(server: ServerProc) -> None:
         pass
 
 
+def kill_server(server: ServerProc) -> None:
+    """SIGKILL: the server crashes; its sandboxes stay, as after a real crash."""
+    server.proc.send_signal(signal.SIGKILL)
+    server.proc.wait(10)
+
+
+def discard_server(server: ServerProc) -> None:
+    """Test cleanup after whatever happened: destroy what is left, kill, remove the data dir."""
+    if server.proc.poll() is None:
+        destroy_all(server)
+        server.proc.kill()
+        server.proc.wait(10)
+    shutil.rmtree(server.data_dir, ignore_errors=True)
+
+
 def stop_server(server: ServerProc) -> None:
     """SIGTERM, then insist that the process exits on its own."""
     if server.proc.poll() is None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import shutil
-import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from stacyvm_server.ids import new_sandbox_id
 from stacyvm_server.providers.base import SandboxSpec
 from stacyvm_server.providers.docker import DockerProvider
 from stacyvm_server.providers.docker.provider import disk_quota_support
-from tests.conftest import ServerProc, destroy_all, start_server, stop_server
+from tests.conftest import ServerProc, destroy_all, discard_server, kill_server, start_server, stop_server
 from tests.providers import docker_fixtures
 from tests.providers.docker_fixtures import DOCKER_BUSYBOX, docker_api, labelled_containers
 
@@ -94,8 +93,7 @@ def test_sigkill_and_restart_adopts_and_leaves_nothing(docker_daemon: None, test
         with Client(server.base_url) as client:
             kept = [client.spawn(image=DOCKER_BUSYBOX, provider="docker", ttl="10m") for _ in range(3)]
             kept[0].write_file("/workspace/state.txt", "survives")
-        server.proc.send_signal(signal.SIGKILL)
-        server.proc.wait(10)
+        kill_server(server)
         orphan = _orphan(server.data_dir)
         assert len(labelled_containers()) >= 4
 
@@ -111,11 +109,7 @@ def test_sigkill_and_restart_adopts_and_leaves_nothing(docker_daemon: None, test
         stop_server(server)
         assert labelled_containers() == []  # docker ps -aq --filter label=stacyvm.sandbox_id
     finally:
-        if server.proc.poll() is None:
-            destroy_all(server)
-            server.proc.kill()
-            server.proc.wait(10)
-        shutil.rmtree(server.data_dir, ignore_errors=True)
+        discard_server(server)
 
 
 def test_disk_mb_refused_where_docker_cannot_cap_it(docker_server: ServerProc) -> None:

@@ -12,7 +12,16 @@ from pathlib import Path
 import pytest
 from stacyvm import Client, SandboxNotFound
 
-from tests.conftest import BUSYBOX, PYTHON, ServerProc, destroy_all, start_server, stop_server
+from tests.conftest import (
+    BUSYBOX,
+    PYTHON,
+    ServerProc,
+    destroy_all,
+    discard_server,
+    kill_server,
+    start_server,
+    stop_server,
+)
 from tests.preview.conftest import box_factory, start_app
 from tests.providers.test_microvm import qemu_pids
 
@@ -78,8 +87,7 @@ def test_sigkill_and_restart_adopts_and_leaves_nothing(test_images: dict[str, st
         with Client(server.base_url) as client:
             kept = [client.spawn(image=PYTHON, provider="microvm", ttl="10m") for _ in range(2)]
             kept[0].write_file("/workspace/state.txt", "survives")
-        server.proc.send_signal(signal.SIGKILL)
-        server.proc.wait(10)
+        kill_server(server)
         os.kill(qemu_pids(kept[1].id)[0], signal.SIGKILL)  # one VM dies while the server is down
 
         server = start_server(root, extra=MICROVM_ON)  # same data dir
@@ -95,8 +103,4 @@ def test_sigkill_and_restart_adopts_and_leaves_nothing(test_images: dict[str, st
         assert qemu_pids(kept[0].id) == [] and qemu_pids(kept[1].id) == []
         assert not any((server.data_dir / "microvm" / "sandboxes").iterdir())
     finally:
-        if server.proc.poll() is None:
-            destroy_all(server)
-            server.proc.kill()
-            server.proc.wait(10)
-        shutil.rmtree(server.data_dir, ignore_errors=True)
+        discard_server(server)

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import ServerProc, start_server, stop_server
+from tests.conftest import ServerProc, kill_server, start_server, stop_server
 
 API = "/api/v1"
 
@@ -48,11 +48,6 @@ def _wait_gone(c: httpx.Client, sid: str, timeout: float) -> float:
             return time.monotonic() - start
         time.sleep(0.1)
     raise AssertionError(f"{sid} still present after {timeout}s")
-
-
-def _kill9(server: ServerProc) -> None:
-    server.proc.send_signal(signal.SIGKILL)
-    server.proc.wait(10)
 
 
 def _events(server: ServerProc, sid: str) -> list[dict[str, object]]:
@@ -118,7 +113,7 @@ def test_expired_while_down_is_destroyed_at_startup(
 ) -> None:
     with httpx.Client(base_url=server.base_url, timeout=60) as c:
         sid = str(_spawn(c, test_images["busybox"], ttl="3s")["id"])
-    _kill9(server)
+    kill_server(server)
     time.sleep(3.5)
     assert sid in _native_ids(server)  # nobody was there to reap it
     again = start_server(tmp_path / "srv")
@@ -149,7 +144,7 @@ def test_sigkill_mid_spawn_leaves_no_orphans(
     for t in threads:
         t.start()
     time.sleep(0.6)
-    _kill9(server)
+    kill_server(server)
     for t in threads:
         t.join(30)
     again = start_server(tmp_path / "srv")

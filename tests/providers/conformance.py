@@ -24,7 +24,7 @@ import pytest
 
 from stacyvm_server.errors import SandboxFileError
 from stacyvm_server.ids import new_sandbox_id
-from stacyvm_server.providers.base import ExecSpec, ExitStatus, Provider, SandboxHandle, SandboxSpec
+from stacyvm_server.providers.base import ExecSpec, ExitStatus, Provider, RuntimeState, SandboxHandle, SandboxSpec
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -71,6 +71,16 @@ async def fetch(provider: Provider, h: SandboxHandle, addr: str, port: int, path
     """HTTP GET from inside the sandbox with busybox nc (busybox-static wget segfaults on lookup)."""
     req = f"printf 'GET {path} HTTP/1.0\\r\\n\\r\\n' | nc -w {timeout} {addr} {port}"
     return await run(provider, h, sh(req))
+
+
+async def wait_ended(provider: Provider, h: SandboxHandle, tries: int, delay: float) -> RuntimeState:
+    """Ask state() until the sandbox is no longer alive (at most `tries` times); the last answer."""
+    for _ in range(tries):
+        st = await provider.state(h)
+        if not st.alive:
+            break
+        await asyncio.sleep(delay)
+    return st
 
 
 async def chunks_of(data: bytes, size: int = 65536) -> AsyncIterator[bytes]:
@@ -323,11 +333,7 @@ class ProviderConformance:
             # host pids budget a little after the guest forks, so the shell may already have
             # printed "started" (seen once in 4 CI runs), even exited: the sandbox's end is what
             # is required, and without a limit it would live on.
-            for _ in range(50):
-                if not (await provider.state(h)).alive:
-                    break
-                await asyncio.sleep(0.1)
-            else:
+            if (await wait_ended(provider, h, 50, 0.1)).alive:
                 raise AssertionError(f"the sandbox survived the fork bomb: rc {r.rc}, {r.out[-200:]!r}")
             assert (await run(provider, h, ["echo", "alive"])).rc != 0
             return

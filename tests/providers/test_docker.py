@@ -20,7 +20,7 @@ from stacyvm_server.providers.base import ExecSpec, Provider, SandboxSpec
 from stacyvm_server.providers.docker import DockerProvider
 from stacyvm_server.providers.docker.provider import container_name
 from tests.providers import docker_fixtures
-from tests.providers.conformance import ProviderConformance, chunks_of, read_all, run, sh
+from tests.providers.conformance import ProviderConformance, chunks_of, read_all, run, sh, wait_ended
 from tests.providers.docker_fixtures import (
     DOCKER_BUSYBOX,
     DOCKER_PYTHON,
@@ -337,11 +337,7 @@ class TestDockerSpecific:
         h = await p.create(SandboxSpec(new_sandbox_id(), DOCKER_BUSYBOX, 64, 1))
         try:
             docker_api("POST", f"/containers/{h.data['id']}/kill")
-            for _ in range(100):
-                st = await p.state(h)
-                if not st.alive:
-                    break
-                await asyncio.sleep(0.02)
+            st = await wait_ended(p, h, 100, 0.02)
             assert (st.alive, st.reason) == (False, "crashed")
             assert not {i.sandbox_id: i for i in await p.inventory()}[h.sandbox_id].alive
             r = await run(p, h, ["true"])  # like a runtime's exec into a stopped container

@@ -25,7 +25,7 @@ from stacyvm_server.ids import new_sandbox_id
 from stacyvm_server.providers.base import Provider, SandboxHandle, SandboxSpec
 from stacyvm_server.providers.microvm.provider import MicroVMProvider
 from stacyvm_server.providers.native import network, nft
-from tests.providers.conformance import ProviderConformance, run, sh
+from tests.providers.conformance import ProviderConformance, run, sh, wait_ended
 from tests.providers.test_native_tty import TtyChecks
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -110,11 +110,7 @@ class TestMicroVM(ProviderConformance):
         try:
             pid = int(p._meta(h.sandbox_id)["pid"])
             os.kill(pid, signal.SIGKILL)
-            for _ in range(100):
-                st = await p.state(h)
-                if not st.alive:
-                    break
-                await asyncio.sleep(0.05)
+            st = await wait_ended(p, h, 100, 0.05)
             assert (st.alive, st.reason) == (False, "crashed")
         finally:
             await p.destroy(h)

@@ -17,7 +17,7 @@ from stacyvm_server.errors import ProviderError
 from stacyvm_server.ids import new_sandbox_id
 from stacyvm_server.providers.base import Provider, SandboxSpec
 from stacyvm_server.providers.native import NativeProvider, cgroups, network, nft
-from tests.providers.conformance import ProviderConformance, run
+from tests.providers.conformance import ProviderConformance, run, wait_ended
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -63,11 +63,7 @@ class NativeChecks(ProviderConformance):
         try:
             pid = int((p.boxes_dir / h.sandbox_id / "init.pid").read_text())
             os.kill(pid, signal.SIGKILL)
-            for _ in range(100):
-                st = await p.state(h)
-                if not st.alive:
-                    break
-                await asyncio.sleep(0.02)
+            st = await wait_ended(p, h, 100, 0.02)
             assert st == type(st)(False, "crashed")
             inv = {i.sandbox_id: i for i in await p.inventory()}
             assert inv[h.sandbox_id].alive is False
